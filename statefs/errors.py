@@ -1,0 +1,37 @@
+"""The exceptions statefs raises, each a subclass of the matching built-in."""
+
+from __future__ import annotations
+
+
+class IntegrityError(OSError):
+    """Stored bytes differ from what their manifest records.
+
+    Attributes:
+        url: the file that failed the check.
+        field: what was compared, such as "size" or "crc32c".
+        expected: the value the manifest records.
+        found: the value read from the store.
+    """
+
+    def __init__(self, url: str, field: str, expected: object, found: object):
+        self.url = url
+        self.field = field
+        self.expected = expected
+        self.found = found
+        super().__init__(
+            f"Integrity check failed for {url}: {field} is {found!r}, expected {expected!r}. "
+            "The file is damaged or was changed after it was committed; "
+            "restore it from another copy."
+        )
+
+
+class ManifestError(ValueError):
+    """A manifest is missing fields, has the wrong types, or names an unsafe path."""
+
+
+class UnitExistsError(FileExistsError):
+    """A checkpoint step, version or copy is already committed, or being written, at that URL."""
+
+
+class NotCommittedError(FileNotFoundError):
+    """No committed unit (no manifest) exists at a URL."""
