@@ -1,9 +1,9 @@
 """How bytes reach a store: the Backend contract and the registry of backends.
 
 A backend is chosen from the fsspec filesystem that a URL resolves to. The
-built-in ones cover local disk, `memory://`, `s3://` and `gs://`; other
-packages add theirs through the entry-point group `statefs.backends`, whose
-entries name a `Backend` subclass; any other fsspec protocol falls back to
+built-in ones cover local disk, `memory://`, `s3://` and `gs://`. Other
+packages add theirs through the entry-point group `statefs.backends`, each
+entry naming a `Backend` subclass. Any other fsspec protocol falls back to
 `GenericBackend`.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import fsspec
 import fsspec.core
-import fsspec.registry
+from fsspec.registry import known_implementations
 
 from statefs.backends.base import Backend, Capabilities
 from statefs.backends.gcs import GCSBackend
@@ -98,7 +98,7 @@ def resolve(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Ba
     Raises:
         ImportError: the package that implements the URL's protocol is not
             installed; the message names it.
-        ValueError: fsspec knows no such protocol.
+        ValueError: fsspec has no implementation for the URL's protocol.
     """
     options = dict(storage_options or {})
     try:
@@ -111,6 +111,8 @@ def resolve(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Ba
 
 def _install_hint(url: str, error: ImportError) -> str:
     protocol = fsspec.core.split_protocol(url)[0] or "file"
-    known = fsspec.registry.known_implementations.get(protocol, {})
+    # The attribute `fsspec.registry` is a read-only mapping that hides the
+    # module of that name, so `known_implementations` is imported directly.
+    known = known_implementations.get(protocol, {})
     hint = known.get("err") or str(error)
     return f"Cannot open {url!r}: the {protocol!r} protocol needs a package that is not installed. {hint}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 from typing import IO, Any, ClassVar, Iterator
 
 import fsspec
@@ -21,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
-    """What a store guarantees, as the commit protocol needs to know it.
+    """The guarantees of a store that the commit protocol chooses its strategy by.
 
     Attributes:
         atomic_write: an object written through `open_write` appears whole
@@ -140,17 +139,29 @@ class Backend:
         try:
             yield handle
         except BaseException:
-            self._discard(handle)
+            self._discard(handle, path)
             raise
         handle.close()
 
-    def _discard(self, handle: Any) -> None:
+    def _discard(self, handle: Any, path: str) -> None:
+        """Abandon a failed write without hiding the error that caused it."""
         discard = getattr(handle, "discard", None)
-        if discard is not None:
-            discard()
-        # A buffered fsspec file commits on close(); marking it closed makes
-        # the close that follows a no-op.
-        handle.closed = True
+        try:
+            if discard is not None:
+                discard()
+        except Exception as error:
+            # An S3 multipart or GCS resumable upload that is never completed
+            # creates no object, so a failed cancel leaves no partial object.
+            logger.warning("Cannot cancel the upload to %s: %s", self.url(path), error)
+        try:
+            # A buffered fsspec file commits on close(); marking it closed
+            # makes a later close() or garbage collection a no-op.
+            handle.closed = True
+        except AttributeError:
+            # A file built on io (fsspec's memory file, for one) has stored
+            # each write already, so the partial object must be removed.
+            handle.close()
+            self.delete(path)
 
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write a small object whole, replacing any object at `path`."""
@@ -198,7 +209,3 @@ class Backend:
         """
         return None
 
-
-def ensure_local_parent(path: str) -> None:
-    """Create the parent folder of a local file path."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

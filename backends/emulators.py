@@ -1,10 +1,10 @@
 """S3 and GCS emulators on 127.0.0.1, for the demo and the tests.
 
 Each server runs in a thread of the calling process, listens on 127.0.0.1
-only, on a free port, and keeps objects in memory. `storage_options()` is
-what statefs and fsspec need to reach it; `env()` gives the same settings
-as fsspec's `FSSPEC_<PROTOCOL>_<OPTION>` environment variables, so a child
-process reaches the server without any code change.
+only, on a free port, and keeps objects in memory. `storage_options()`
+returns what statefs and fsspec need to reach it. `env()` returns the same
+settings as fsspec's `FSSPEC_<PROTOCOL>_<OPTION>` environment variables, so
+a child process reaches the server with no code change.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import sys
 import urllib.request
 from typing import Any
 
-# gcsfs probes every new bucket over gRPC for hierarchical namespace support,
-# which an emulator never answers; each probe then waits about a minute.
+# gcsfs probes every new bucket over gRPC for hierarchical namespace support.
+# An emulator never responds, so each probe waits about a minute.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 HOST = "127.0.0.1"
@@ -107,7 +107,7 @@ class GCSEmulator:
         self._server.start()
         httpd = self._server._api._httpd
         # A client that closes a connection early makes the emulator print a
-        # traceback for the broken pipe; that is noise, not a failure.
+        # traceback for the broken pipe, which is noise rather than a failure.
         httpd.handle_error = _ignore_disconnects(httpd.handle_error)
         port = httpd.server_address[1]
         self.endpoint_url = f"http://{HOST}:{port}"
@@ -130,10 +130,17 @@ class GCSEmulator:
         }
 
     def create_bucket(self, name: str) -> None:
+        """Create a bucket; an existing one is kept, as moto does for S3 in us-east-1."""
         import gcsfs
+        from gcsfs.retry import HttpError
 
         fs = gcsfs.GCSFileSystem(skip_instance_cache=True, **self.storage_options())
-        fs.mkdir(name)
+        try:
+            fs.mkdir(name)
+        except HttpError as error:
+            # 409 Conflict: the bucket exists already.
+            if error.code != 409:
+                raise
 
     def reset(self) -> None:
         """Delete every bucket and object."""

@@ -10,9 +10,9 @@ one takes three steps, the same on every backend:
 
 A reader that lists units, or a `latest()` that picks one, reads manifests
 only, so a writer that dies at any point leaves a fragment that no reader
-counts. A simpler design that writes payload straight to its final name and
-relies on a "done" marker is what TF Serving and Orbax users met trouble
-with; the claim also keeps a second writer from overwriting a first.
+counts. The claim costs one small object per unit. Without it, two writers
+that pick the same step or version number would overwrite each other's
+payload files before either commit could fail.
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ class UnitWriter:
 
     ```python
     writer = UnitWriter(backend, "bucket/run/ckpt-12", kind="checkpoint")
-    writer.claim()
-    writer.put_file("/tmp/stage/checkpoint.weights.h5", "checkpoint.weights.h5")
-    manifest = writer.commit()
+    with writer.claimed():
+        writer.put_file("/tmp/stage/checkpoint.weights.h5", "checkpoint.weights.h5")
+        manifest = writer.commit()
     ```
     """
 
@@ -85,6 +85,12 @@ class UnitWriter:
 
     def claim(self) -> None:
         """Reserve the prefix; raise UnitExistsError if a unit or a fragment is there."""
+        # Some stores accept the exclusive-create precondition without enforcing
+        # it (gcp-storage-emulator, some S3-compatible servers). Reading the
+        # manifest first keeps a later save from overwriting a committed unit
+        # there; only two writers racing still depend on the store.
+        if read_manifest(self.backend, self.prefix) is not None:
+            raise UnitExistsError(f"{self.url} is already committed; statefs never overwrites a unit.")
         claim = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
         try:
             self.backend.create_exclusive(self._path(CLAIM_NAME), json.dumps(claim).encode())
@@ -92,10 +98,33 @@ class UnitWriter:
             if read_manifest(self.backend, self.prefix) is not None:
                 raise UnitExistsError(f"{self.url} is already committed; statefs never overwrites a unit.") from None
             raise UnitExistsError(
-                f"{self.url} holds an unfinished write (a claim without a manifest): another writer is "
-                "busy there, or one failed. Delete that prefix if no writer is running."
+                f"{self.url} contains an unfinished write (a claim without a manifest). Another writer "
+                "is running there, or one failed. Delete that prefix if no writer is running."
             ) from None
         logger.debug("Claimed %s", self.url)
+
+    @contextlib.contextmanager
+    def claimed(self) -> Iterator[UnitWriter]:
+        """Claim the prefix for the block; if the block raises, remove what this writer wrote.
+
+        A writer that is killed outright still leaves its fragment, which
+        readers ignore and the next save at that prefix, or gc, removes.
+        """
+        self.claim()
+        try:
+            yield self
+        except BaseException:
+            self._abort()
+            raise
+
+    def _abort(self) -> None:
+        try:
+            if read_manifest(self.backend, self.prefix) is None:
+                self.backend.delete_tree(self.prefix)
+                logger.info("Removed the unfinished write at %s", self.url)
+        except Exception as error:
+            # The error that stopped the write matters more than this one.
+            logger.warning("Cannot remove the unfinished write at %s: %s", self.url, error)
 
     def put_file(self, local_path: str, relative_path: str) -> Digest:
         """Upload one local file into the unit, hashing it as it streams."""
@@ -130,13 +159,13 @@ class UnitWriter:
         return manifest
 
     def _record(self, relative_path: str, digest: Digest) -> Digest:
-        check_relative_path(relative_path, self.url)
         self.files[relative_path] = digest
         logger.debug("Wrote %s/%s (%d bytes)", self.url, relative_path, digest.size)
         return digest
 
     def _path(self, relative_path: str) -> str:
-        return self.backend.join(self.prefix, relative_path)
+        # Checked before any byte is written, so `..` cannot reach outside the unit.
+        return self.backend.join(self.prefix, check_relative_path(relative_path, self.url))
 
 
 def read_manifest(backend: Backend, prefix: str) -> Manifest | None:
@@ -153,12 +182,12 @@ def read_manifest(backend: Backend, prefix: str) -> Manifest | None:
     return Manifest.from_json(data, source=backend.url(path))
 
 
-def require_manifest(backend: Backend, prefix: str, what: str = "unit") -> Manifest:
+def require_manifest(backend: Backend, prefix: str, description: str = "unit") -> Manifest:
     """Return the manifest at `prefix`; raise NotCommittedError if there is none."""
     manifest = read_manifest(backend, prefix)
     if manifest is None:
         raise NotCommittedError(
-            f"No committed {what} at {backend.url(prefix)}: {MANIFEST_NAME} is missing, so it is "
+            f"No committed {description} at {backend.url(prefix)}: {MANIFEST_NAME} is missing, so it is "
             "absent or was never completely written."
         )
     return manifest
@@ -191,7 +220,7 @@ def delete_unit(backend: Backend, prefix: str) -> None:
 
 
 def remove_fragment(backend: Backend, prefix: str) -> bool:
-    """Delete the prefix if it holds a claim but no manifest; return whether it did."""
+    """Delete the prefix if it has a claim but no manifest, and return whether it did."""
     if read_manifest(backend, prefix) is not None or not backend.exists(backend.join(prefix, CLAIM_NAME)):
         return False
     logger.warning("Removing unfinished write at %s (a claim without a manifest)", backend.url(prefix))

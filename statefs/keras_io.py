@@ -15,7 +15,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# Longest suffix first: ".weights.h5" also ends with ".h5".
+# ".weights.h5" comes before ".h5", which it also ends with.
 SNAPSHOT_FORMATS = {".weights.h5": "weights", ".keras": "keras", ".h5": "h5"}
 CHECKPOINT_FILE = "checkpoint.weights.h5"
 KERAS_FILE = "model.keras"
@@ -29,7 +29,7 @@ def snapshot_format(url: str) -> str:
     """Return "weights", "keras" or "h5" from the suffix of `url`.
 
     Raises:
-        ValueError: the suffix is none of the supported ones.
+        ValueError: the suffix is not one of the supported ones.
     """
     name = url.rstrip("/").rsplit("/", 1)[-1]
     for suffix, kind in SNAPSHOT_FORMATS.items():
@@ -51,8 +51,27 @@ def save_model_file(model: Any, path: str) -> None:
     fmt = snapshot_format(path)
     if fmt == "weights":
         model.save_weights(path)
+    elif fmt == "h5":
+        _save_h5_keeping_compile_config(model, path)
     else:
         model.save(path)
+
+
+def _save_h5_keeping_compile_config(model: Any, path: str) -> None:
+    """Save a legacy `.h5` file without losing the optimizer from the model's compile config.
+
+    Keras 3.15's HDF5 writer removes "optimizer" from the model's own compile
+    config (`model_metadata` in keras/src/legacy/saving/saving_utils.py), so a
+    later `.keras` save of the same model would record no optimizer and load
+    with a default RMSprop. The entries are put back after the save.
+    """
+    compile_config = getattr(getattr(model, "_compile_config", None), "config", None)
+    kept = dict(compile_config) if isinstance(compile_config, dict) else None
+    try:
+        model.save(path)
+    finally:
+        if kept is not None:
+            compile_config.update(kept)
 
 
 def load_model_file(path: str, *, model: Any = None, compile: bool = True) -> Any:
@@ -68,7 +87,7 @@ def load_model_file(path: str, *, model: Any = None, compile: bool = True) -> An
     if fmt == "weights":
         if model is None:
             raise ValueError(
-                f"{os.path.basename(path)} holds weights only, so it loads into an existing model. "
+                f"{os.path.basename(path)} contains weights only, so it loads into an existing model. "
                 "Pass the model with the same architecture: load_snapshot(url, model=model)."
             )
         load_weights(model, path)

@@ -2,7 +2,7 @@
 
 A unit (a checkpoint step, a model version, a migrated copy) is a prefix with
 payload files and `statefs-manifest.json`. The manifest lists every payload
-file with its size and CRC32C, says what kind of unit it is, and carries the
+file with its size and CRC32C, names the kind of unit, and carries the
 caller's metadata and the library versions that wrote it.
 """
 
@@ -19,12 +19,11 @@ from statefs.errors import ManifestError
 
 MANIFEST_NAME = "statefs-manifest.json"
 FORMAT_VERSION = 1
-KINDS = ("checkpoint", "version")
 
 
 @dataclasses.dataclass
 class Manifest:
-    """What a committed unit contains.
+    """The contents of a committed unit.
 
     Attributes:
         kind: "checkpoint" or "version".
@@ -78,6 +77,9 @@ class Manifest:
             )
         _require(document, "kind", str, source)
         _require(document, "files", dict, source)
+        for field, expected_type in (("metadata", dict), ("versions", dict), ("created", str)):
+            if document.get(field) is not None:
+                _require(document, field, expected_type, source)
         return cls(
             kind=document["kind"],
             files={
@@ -105,7 +107,7 @@ def check_relative_path(path: str, source: str = "manifest") -> str:
         or path.startswith("/")
         or (len(path) > 1 and path[1] == ":")
         or normalized != path
-        or normalized == ".."
+        or normalized in (".", "..")
         or normalized.startswith("../")
     )
     if unsafe:
@@ -119,7 +121,7 @@ def check_relative_path(path: str, source: str = "manifest") -> str:
 def _parse_digest(entry: Any, path: str, source: str) -> Digest:
     if (
         not isinstance(entry, dict)
-        or not isinstance(entry.get("size"), int)
+        or not _is_integer(entry.get("size"))
         or entry["size"] < 0
         or not isinstance(entry.get("crc32c"), str)
     ):
@@ -130,11 +132,18 @@ def _parse_digest(entry: Any, path: str, source: str) -> Digest:
     return Digest(size=entry["size"], crc32c=entry["crc32c"])
 
 
+def _is_integer(value: Any) -> bool:
+    # JSON true and false load as bool, which is a subclass of int.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _require(document: dict, field: str, expected_type: type, source: str) -> None:
-    if not isinstance(document.get(field), expected_type):
+    value = document.get(field)
+    valid = _is_integer(value) if expected_type is int else isinstance(value, expected_type)
+    if not valid:
         raise ManifestError(
             f"Invalid manifest {source}: field {field!r} must be {expected_type.__name__}. "
-            f"Received: {document.get(field)!r}"
+            f"Received: {value!r}"
         )
 
 

@@ -44,7 +44,7 @@ class CopiedItem:
 
 @dataclasses.dataclass
 class MigrationReport:
-    """What `migrate` did, item by item."""
+    """The items a migration copied or found already present, and the units it skipped."""
 
     items: list[CopiedItem] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
@@ -68,7 +68,7 @@ def migrate(
     one and by reading the copy back otherwise. A copied unit is committed by
     the same rule as a new one, its manifest written last, so it is valid
     where it lands. A snapshot whose destination suffix differs (`.h5` to
-    `.keras`) is converted through Keras; a destination without a snapshot
+    `.keras`) is converted through Keras. A destination without a snapshot
     suffix is a folder, and the file keeps its name there.
 
     Running the same migration again copies only what is missing: a unit
@@ -117,17 +117,17 @@ def copy_unit(source: Backend, src_path: str, manifest: Manifest, target: Backen
     if existing is not None:
         if existing.files != manifest.files:
             raise UnitExistsError(
-                f"{target.url(dst_path)} already holds a different committed {existing.kind}; "
-                "statefs never overwrites a unit. Choose another destination."
+                f"{target.url(dst_path)} already contains a different committed {existing.kind}, "
+                "and statefs never overwrites a unit. Choose another destination."
             )
         return _item(manifest.kind, source.url(src_path), target.url(dst_path), manifest, started, "already present")
 
     writer = UnitWriter(target, dst_path, kind=manifest.kind, metadata=manifest.metadata, versions=manifest.versions)
-    writer.claim()
     names = sorted(manifest.files, key=lambda name: (name.rsplit("/", 1)[-1] in SAVED_MODEL_LAST, name))
-    for relative_path in names:
-        writer.copy_file(source, source.join(src_path, relative_path), relative_path, manifest.files[relative_path])
-    writer.commit()
+    with writer.claimed():
+        for relative_path in names:
+            writer.copy_file(source, source.join(src_path, relative_path), relative_path, manifest.files[relative_path])
+        writer.commit()
     problems = verify_unit(target, dst_path, manifest)
     if problems:
         raise problems[0]
@@ -173,11 +173,13 @@ def _migrate_snapshot(source: Backend, src_path: str, target: Backend, dst_path:
 
 
 def _copy_snapshot(source: Backend, src_path: str, target: Backend, dst_path: str) -> Digest:
+    expected = read_sidecar(source, src_path)
     with source.open_read(src_path) as reader, target.open_write(dst_path) as writer:
         digest = copy_stream(reader, writer)
-    expected = read_sidecar(source, src_path)
-    if expected is not None:
-        check_digest(source.url(src_path), expected, digest)
+        # Checked before the write block ends, so a damaged source makes
+        # open_write discard the copy instead of leaving it without a sidecar.
+        if expected is not None:
+            check_digest(source.url(src_path), expected, digest)
     return digest
 
 

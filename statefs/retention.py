@@ -1,7 +1,7 @@
 """Retention policies: which committed checkpoints a manager keeps.
 
 Each policy looks at the committed checkpoints, oldest first, and returns the
-steps it wants kept; a checkpoint is deleted only when no policy keeps it.
+steps to keep. A checkpoint is deleted only when no policy keeps it.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def steps_to_delete(checkpoints, policies: Sequence[RetentionPolicy]) -> list[in
     """Return the steps that no policy keeps; with no policies, nothing is deleted."""
     if not policies:
         return []
-    kept: set[int] = set()
+    keep: set[int] = set()
     for policy in policies:
-        kept |= policy.keep(checkpoints)
-    return [checkpoint.step for checkpoint in checkpoints if checkpoint.step not in kept]
+        keep |= policy.keep(checkpoints)
+    return [checkpoint.step for checkpoint in checkpoints if checkpoint.step not in keep]

@@ -126,15 +126,14 @@ class VersionRegistry:
             metadata["version"] = number
             writer = UnitWriter(self.backend, self._version_path(number), kind="version", metadata=metadata)
             try:
-                writer.claim()
+                with writer.claimed():
+                    writer.put_folder(local_folder, last=SAVED_MODEL_LAST)
+                    writer.commit()
+                return number
             except UnitExistsError:
                 if version is not None:
                     raise
                 logger.info("Version %d was taken by another publisher; trying the next number", number)
-                continue
-            writer.put_folder(local_folder, last=SAVED_MODEL_LAST)
-            writer.commit()
-            return number
 
     def _committed(self) -> list[tuple[int, str]]:
         committed = []
