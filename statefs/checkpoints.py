@@ -157,14 +157,15 @@ class CheckpointManager:
         self._rotate()
         return Checkpoint.from_manifest(step, writer.url, manifest)
 
-    def restore(self, model: Any, step: int | None = None, *, verify: bool = True) -> Checkpoint:
+    def restore(self, model: Any, step: int | None = None, *, verify_checksums: bool = True) -> Checkpoint:
         """Load weights and optimizer state of a checkpoint into `model`.
 
         Args:
             model: a model with the architecture that was saved; its
                 optimizer, if any, is built before loading.
             step: which checkpoint; the latest by default.
-            verify: check sizes and checksums while downloading.
+            verify_checksums: check CRC32C values while downloading; sizes
+                are checked either way.
 
         Raises:
             FileNotFoundError: there is no committed checkpoint (at that step).
@@ -180,7 +181,7 @@ class CheckpointManager:
         path = self.backend.join(self.path, f"ckpt-{_check_step(step)}")
         manifest = require_manifest(self.backend, path, "checkpoint")
         with staging_folder("restore") as staging:
-            download_unit(self.backend, path, manifest, staging, verify=verify)
+            download_unit(self.backend, path, manifest, staging, verify_checksums=verify_checksums)
             keras_io.load_weights(model, os.path.join(staging, keras_io.CHECKPOINT_FILE))
         logger.info("Restored checkpoint %s", self.backend.url(path))
         return Checkpoint.from_manifest(step, self.backend.url(path), manifest)

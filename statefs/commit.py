@@ -228,16 +228,21 @@ def remove_fragment(backend: Backend, prefix: str) -> bool:
     return True
 
 
-def check_digest(url: str, expected: Digest, found: Digest) -> None:
-    """Raise IntegrityError if `found` differs from `expected`."""
+def check_digest(url: str, expected: Digest, found: Digest, *, checksum: bool = True) -> None:
+    """Raise IntegrityError if `found` differs from `expected` in size, or in CRC32C when `checksum` is set."""
     if found.size != expected.size:
         raise IntegrityError(url, "size", expected.size, found.size)
-    if found.crc32c != expected.crc32c:
+    if checksum and found.crc32c != expected.crc32c:
         raise IntegrityError(url, "crc32c", expected.crc32c, found.crc32c)
 
 
-def download_unit(backend: Backend, prefix: str, manifest: Manifest, local_folder: str, *, verify: bool = True) -> None:
-    """Download every file of a unit into `local_folder`, checking each against the manifest."""
+def download_unit(
+    backend: Backend, prefix: str, manifest: Manifest, local_folder: str, *, verify_checksums: bool = True
+) -> None:
+    """Download every file of a unit into `local_folder`, checking each against the manifest.
+
+    Sizes are always checked; CRC32C values unless `verify_checksums` is False.
+    """
     root = os.path.realpath(local_folder)
     for relative_path, expected in manifest.files.items():
         target = os.path.realpath(os.path.join(root, check_relative_path(relative_path)))
@@ -247,8 +252,7 @@ def download_unit(backend: Backend, prefix: str, manifest: Manifest, local_folde
         source_path = backend.join(prefix, relative_path)
         with backend.open_read(source_path) as reader, open(target, "wb") as writer:
             digest = copy_stream(reader, writer)
-        if verify:
-            check_digest(backend.url(source_path), expected, digest)
+        check_digest(backend.url(source_path), expected, digest, checksum=verify_checksums)
 
 
 def verify_unit(backend: Backend, prefix: str, manifest: Manifest) -> list[IntegrityError | FileNotFoundError]:

@@ -63,7 +63,7 @@ def load_snapshot(
     *,
     model: Any = None,
     storage_options: dict[str, Any] | None = None,
-    verify: bool = True,
+    verify_checksums: bool = True,
     compile: bool = True,
 ) -> Any:
     """Load a snapshot saved by `save_snapshot` (or any Keras file) from `url`.
@@ -72,7 +72,8 @@ def load_snapshot(
         url: the snapshot file.
         model: for a `.weights.h5` file, the model to load the weights into.
         storage_options: passed to the fsspec filesystem untouched.
-        verify: check size and CRC32C against the sidecar manifest, if one exists.
+        verify_checksums: check the CRC32C recorded in the sidecar manifest, if
+            one exists. The size is checked either way.
         compile: restore the compile settings where the format carries them.
 
     Raises:
@@ -85,7 +86,7 @@ def load_snapshot(
     backend, path = backends.resolve(url, storage_options)
     with staging_folder("snapshot") as staging:
         local_file = os.path.join(staging, "model" + keras_io.snapshot_suffix(url))
-        download_snapshot(backend, path, local_file, verify=verify)
+        download_snapshot(backend, path, local_file, verify_checksums=verify_checksums)
         return keras_io.load_model_file(local_file, model=model, compile=compile)
 
 
@@ -98,15 +99,15 @@ def upload_snapshot(local_file: str, backend: Backend, path: str, fmt: str) -> S
     return Snapshot(url=backend.url(path), format=fmt, size=digest.size, crc32c=digest.crc32c)
 
 
-def download_snapshot(backend: Backend, path: str, local_file: str, *, verify: bool = True) -> Digest:
+def download_snapshot(backend: Backend, path: str, local_file: str, *, verify_checksums: bool = True) -> Digest:
     """Download a snapshot to `local_file`, checking it against its sidecar if there is one."""
     if not backend.exists(path):
         raise FileNotFoundError(f"No snapshot at {backend.url(path)}.")
     with backend.open_read(path) as reader, open(local_file, "wb") as writer:
         digest = copy_stream(reader, writer)
     expected = read_sidecar(backend, path)
-    if verify and expected is not None:
-        check_digest(backend.url(path), expected, digest)
+    if expected is not None:
+        check_digest(backend.url(path), expected, digest, checksum=verify_checksums)
     return digest
 
 

@@ -99,7 +99,7 @@ class VersionRegistry:
             model.save(os.path.join(staging, SAVED_MODEL_DIR, keras_io.KERAS_FILE))
             return self._upload(os.path.join(staging, SAVED_MODEL_DIR), version, dict(metadata or {}))
 
-    def load(self, version: int | None = None, *, verify: bool = True, compile: bool = True) -> Any:
+    def load(self, version: int | None = None, *, verify_checksums: bool = True, compile: bool = True) -> Any:
         """Load a version as a Keras model; the latest by default.
 
         Raises:
@@ -116,7 +116,7 @@ class VersionRegistry:
         manifest = require_manifest(self.backend, path, f"version {version}")
         subset = Manifest(kind=manifest.kind, files={keras_io.KERAS_FILE: manifest.files[keras_io.KERAS_FILE]})
         with staging_folder("load") as staging:
-            download_unit(self.backend, path, subset, staging, verify=verify)
+            download_unit(self.backend, path, subset, staging, verify_checksums=verify_checksums)
             return keras_io.load_model_file(os.path.join(staging, keras_io.KERAS_FILE), compile=compile)
 
     def _upload(self, local_folder: str, version: int | None, metadata: dict[str, Any]) -> int:

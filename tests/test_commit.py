@@ -224,15 +224,24 @@ def test_download_unit_detects_missing_file(store, tmp_path):
         download_unit(fresh_backend(store), store.path("unit"), manifest, str(tmp_path / "download"))
 
 
-def test_download_unit_without_verify_skips_checks(store, tmp_path):
+def test_download_unit_without_checksums_skips_crc(store, tmp_path):
     backend, root = root_backend(store)
     manifest = commit_unit(backend, backend.join(root, "unit"), tmp_path)
     replace_stored_file(store, flip_first_byte(PAYLOAD[WEIGHTS]), "unit", WEIGHTS)
     target = tmp_path / "download"
 
-    download_unit(fresh_backend(store), store.path("unit"), manifest, str(target), verify=False)
+    download_unit(fresh_backend(store), store.path("unit"), manifest, str(target), verify_checksums=False)
 
     assert (target / WEIGHTS).read_bytes() == flip_first_byte(PAYLOAD[WEIGHTS])
+
+
+def test_download_unit_without_checksums_still_checks_size(store, tmp_path):
+    backend, root = root_backend(store)
+    manifest = commit_unit(backend, backend.join(root, "unit"), tmp_path)
+    replace_stored_file(store, PAYLOAD[WEIGHTS][:-1], "unit", WEIGHTS)
+
+    with pytest.raises(IntegrityError, match="size"):
+        download_unit(fresh_backend(store), store.path("unit"), manifest, str(tmp_path / "download"), verify_checksums=False)
 
 
 def files_under(folder) -> list[str]:
