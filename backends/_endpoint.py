@@ -28,7 +28,7 @@ def check_reachable(endpoint_url: str | None, option_name: str) -> None:
             pass
     except OSError as error:
         raise ConnectionError(
-            f"Cannot reach the storage endpoint {endpoint_url} "
-            f"(storage_options[{option_name!r}]): {error.strerror or error}. "
+            f"Cannot reach the storage endpoint {endpoint_url}, set by the {option_name!r} "
+            f"storage option or its FSSPEC_* environment variable: {error.strerror or error}. "
             "Check that the server is running and the URL is right."
         ) from error

@@ -102,7 +102,9 @@ class GCSEmulator:
     def start(self) -> GCSEmulator:
         from gcp_storage_emulator.server import create_server
 
-        logging.getLogger("gcp_storage_emulator").setLevel(logging.WARNING)
+        # The emulator logs every lookup of a missing object as an error, and
+        # statefs looks for manifests that are not there yet all the time.
+        logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
         self._server = create_server(HOST, 0, in_memory=True)
         self._server.start()
         httpd = self._server._api._httpd

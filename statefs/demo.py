@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -131,9 +130,6 @@ def _start_servers(folder: str, cleanup: contextlib.ExitStack) -> Stores:
 
     s3 = cleanup.enter_context(S3Emulator())
     gcs = cleanup.enter_context(GCSEmulator())
-    # The GCS emulator logs each request for a missing object as an error, and
-    # statefs reads manifests that do not exist yet whenever it creates a unit.
-    logging.getLogger("gcp_storage_emulator.storage").setLevel(logging.CRITICAL)
     s3.create_bucket(BUCKET)
     gcs.create_bucket(BUCKET)
     print(f"S3 emulator (moto) at {s3.endpoint_url}, GCS emulator at {gcs.endpoint_url}; bucket {BUCKET} on each.")

@@ -74,20 +74,22 @@ def _save_h5_keeping_compile_config(model: Any, path: str) -> None:
             compile_config.update(kept)
 
 
-def load_model_file(path: str, *, model: Any = None, compile: bool = True) -> Any:
+def load_model_file(path: str, *, model: Any = None, compile: bool = True, source: str | None = None) -> Any:
     """Load a model from the local file `path`; a weights file loads into `model`.
 
     A legacy `.h5` model whose compiled loss or metrics Keras 3 cannot
     deserialize (such as `loss="mse"`) is loaded uncompiled, with a
-    LegacyCompileWarning, rather than not at all.
+    LegacyCompileWarning, rather than not at all. `source` is the URL that
+    the staged file came from, named in errors and warnings.
     """
     import keras
 
+    source = source or os.path.basename(path)
     fmt = snapshot_format(path)
     if fmt == "weights":
         if model is None:
             raise ValueError(
-                f"{os.path.basename(path)} contains weights only, so it loads into an existing model. "
+                f"{source} contains weights only, so it loads into an existing model. "
                 "Pass the model with the same architecture: load_snapshot(url, model=model)."
             )
         load_weights(model, path)
@@ -97,7 +99,7 @@ def load_model_file(path: str, *, model: Any = None, compile: bool = True) -> An
             return keras.saving.load_model(path)
         except (TypeError, ValueError) as error:
             warnings.warn(
-                f"Loaded {os.path.basename(path)} without its compile settings, because Keras cannot "
+                f"Loaded {source} without its compile settings, because Keras cannot "
                 f"restore them from the legacy HDF5 format ({error}). Call model.compile() before "
                 "training or evaluating it.",
                 LegacyCompileWarning,

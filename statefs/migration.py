@@ -89,6 +89,7 @@ def migrate(
     """
     source, src_path = backends.resolve(src, src_storage_options)
     target, dst_path = backends.resolve(dst, dst_storage_options)
+    source.check(src_path)
     target.check(dst_path)
     report = MigrationReport()
 
@@ -194,7 +195,7 @@ def _convert_snapshot(source: Backend, src_path: str, target: Backend, dst_path:
     with staging_folder("convert") as staging:
         local_source = os.path.join(staging, "source" + keras_io.snapshot_suffix(src_path))
         download_snapshot(source, src_path, local_source)
-        model = keras_io.load_model_file(local_source)
+        model = keras_io.load_model_file(local_source, source=source.url(src_path))
         local_target = os.path.join(staging, "target" + keras_io.snapshot_suffix(dst_path))
         keras_io.save_model_file(model, local_target)
         snapshot = upload_snapshot(local_target, target, dst_path, keras_io.snapshot_format(dst_path))

@@ -84,10 +84,11 @@ def load_snapshot(
 
     keras_io.snapshot_format(url)
     backend, path = backends.resolve(url, storage_options)
+    backend.check(path)
     with staging_folder("snapshot") as staging:
         local_file = os.path.join(staging, "model" + keras_io.snapshot_suffix(url))
         download_snapshot(backend, path, local_file, verify_checksums=verify_checksums)
-        return keras_io.load_model_file(local_file, model=model, compile=compile)
+        return keras_io.load_model_file(local_file, model=model, compile=compile, source=backend.url(path))
 
 
 def upload_snapshot(local_file: str, backend: Backend, path: str, fmt: str) -> Snapshot:

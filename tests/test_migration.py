@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
 
 import numpy as np
 import pytest
@@ -207,3 +209,31 @@ def test_legacy_h5_with_mse_converts_to_keras(other_store, digits):
     assert [item.action for item in report.items] == ["converted"]
     loaded = statefs.load_snapshot(target.url("snap/digits.keras"), storage_options=target.storage_options)
     assert predictions_equal(loaded, model, digits[2])
+
+
+def unreachable_s3_options(s3_server) -> dict:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return dict(s3_server.storage_options(), endpoint_url=f"http://127.0.0.1:{port}")
+
+
+def test_unreachable_source_fails_fast(s3_server, tmp_path):
+    options = unreachable_s3_options(s3_server)
+    started = time.perf_counter()
+
+    with pytest.raises(ConnectionError, match="127.0.0.1"):
+        statefs.migrate("s3://bucket/models", str(tmp_path / "copy"), src_storage_options=options)
+
+    assert time.perf_counter() - started < 5
+    assert not (tmp_path / "copy").exists()
+
+
+def test_unreachable_snapshot_load_fails_fast(s3_server):
+    options = unreachable_s3_options(s3_server)
+    started = time.perf_counter()
+
+    with pytest.raises(ConnectionError, match="127.0.0.1"):
+        statefs.load_snapshot("s3://bucket/snap/digits.keras", storage_options=options)
+
+    assert time.perf_counter() - started < 5

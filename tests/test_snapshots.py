@@ -113,8 +113,9 @@ def test_weights_load_without_model_raises(store, trained):
     url = store.url("snap", "digits.weights.h5")
     statefs.save_snapshot(trained, url, storage_options=store.storage_options)
 
-    with pytest.raises(ValueError, match="Pass the model"):
+    with pytest.raises(ValueError, match="Pass the model") as raised:
         statefs.load_snapshot(url, storage_options=store.storage_options)
+    assert "digits.weights.h5" in str(raised.value)
 
 
 @pytest.mark.parametrize("name", ["m", "m.txt"])
