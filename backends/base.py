@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 from typing import IO, Any, ClassVar, Iterator
 
 import fsspec
+
+from statefs.errors import ConcurrentUpdateError
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +32,14 @@ class Capabilities:
             so two racing writers cannot both succeed.
         native_checksum: name of a checksum that the store computes and
             returns in its listing (for example `"crc32c"`), or `None`.
+        compare_and_swap: `compare_and_swap` is enforced by the store or by a
+            lock, so of two writers holding the same token only one succeeds.
     """
 
     atomic_write: bool
     exclusive_create: bool
     native_checksum: str | None = None
+    compare_and_swap: bool = False
 
     def missing(self) -> list[str]:
         """Return the guarantees this store lacks, in words for a warning."""
@@ -42,6 +48,8 @@ class Capabilities:
             gaps.append("atomic writes (a crash can leave a partial object)")
         if not self.exclusive_create:
             gaps.append("exclusive create (two writers can race on one commit)")
+        if not self.compare_and_swap:
+            gaps.append("compare-and-swap (two writers can overwrite each other's update of one object)")
         return gaps
 
 
@@ -182,6 +190,57 @@ class Backend:
     def make_parents(self, path: str) -> None:
         """Create the folders above `path` on stores that have folders."""
 
+    # Compare-and-swap of a small object, for updates that must not be lost
+    # when two writers race, such as aliases and indexes.
+
+    def read_versioned(self, path: str) -> tuple[bytes, str]:
+        """Return the content of `path` and an opaque version token for it.
+
+        Pass the token to `compare_and_swap` to replace exactly this version.
+        The generic token is a SHA-256 digest of the content, so writing the
+        same bytes again keeps it. Backends with a version of their own
+        (an ETag, a generation, a counter) return that instead.
+
+        Raises:
+            FileNotFoundError: no object exists at `path`.
+        """
+        data = self.read_bytes(path)
+        return data, content_digest(data)
+
+    def compare_and_swap(self, path: str, data: bytes, expected_token: str | None) -> str:
+        """Write `data` to `path` only if the object is still at `expected_token`.
+
+        `expected_token` is a token from `read_versioned`, or None to require
+        that no object exists. Returns the token of the new content.
+
+        The generic version reads, compares and then writes, which two
+        writers can race. Stores that can do better override this method
+        and `read_versioned` together, and set `capabilities.compare_and_swap`.
+
+        NOTE: s3fs and gcsfs resend a request after a connection error. If
+        the first attempt was stored, the resent one fails its precondition,
+        so ConcurrentUpdateError can also mean that this writer's own update
+        was stored.
+
+        Raises:
+            ConcurrentUpdateError: the object is at another version, was
+                deleted, or exists although `expected_token` is None.
+        """
+        if expected_token is None:
+            try:
+                self.create_exclusive(path, data)
+            except FileExistsError:
+                raise ConcurrentUpdateError(self.url(path), expected_token) from None
+            return content_digest(data)
+        try:
+            _, current_token = self.read_versioned(path)
+        except FileNotFoundError:
+            current_token = None
+        if current_token != expected_token:
+            raise ConcurrentUpdateError(self.url(path), expected_token)
+        self.write_bytes(path, data)
+        return content_digest(data)
+
     # Removal.
 
     def delete(self, path: str) -> None:
@@ -209,3 +268,7 @@ class Backend:
         """
         return None
 
+
+def content_digest(data: bytes) -> str:
+    """Return the SHA-256 of `data` in hex, the version token of stores without versions."""
+    return hashlib.sha256(data).hexdigest()

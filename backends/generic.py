@@ -14,8 +14,10 @@ class BackendCapabilityWarning(UserWarning):
 class GenericBackend(Backend):
     """A filesystem statefs has no dedicated backend for.
 
-    It assumes neither atomic writes nor an exclusive create, and warns once
-    per protocol when it is first used, naming what is missing.
+    It assumes no atomic writes, no exclusive create and no compare-and-swap,
+    and warns once per protocol when it is first used, naming what is
+    missing. Its `compare_and_swap` reads, compares and then writes, so two
+    writers that race can both succeed and one update is lost.
     """
 
     capabilities = Capabilities(atomic_write=False, exclusive_create=False)

@@ -35,3 +35,30 @@ class UnitExistsError(FileExistsError):
 
 class NotCommittedError(FileNotFoundError):
     """No committed unit (no manifest) exists at a URL."""
+
+
+class ConcurrentUpdateError(FileExistsError):
+    """Another writer changed an object between a read and a compare-and-swap.
+
+    Attributes:
+        url: the object whose update was rejected.
+        expected: the version token the writer expected, or None if it
+            expected no object.
+    """
+
+    def __init__(self, url: str, expected: str | None):
+        self.url = url
+        self.expected = expected
+        if expected is None:
+            found = "expected no object there, but another writer created it"
+        else:
+            found = f"expected version {expected!r}, but another writer changed or deleted the object"
+        super().__init__(
+            f"Compare-and-swap of {url} failed: {found}. "
+            "Read the object again with read_versioned() and retry the update."
+        )
+
+    def __reduce__(self):
+        # OSError pickles its message as the only argument, which this
+        # __init__ does not take, so an error sent between processes would fail.
+        return type(self), (self.url, self.expected)
