@@ -21,6 +21,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 import statefs
 from conftest import BUCKET, make_store
 from statefs import backends
+from statefs.checksums import digest_bytes
 from statefs.backends import Backend, BackendCapabilityWarning, GenericBackend
 
 # Larger than the 5 MiB block size set below, so a streaming write to S3 or
@@ -517,3 +518,42 @@ def test_s3_state_resets_between_tests(s3_store, run):
 
     assert fs.ls("", refresh=True) == [BUCKET]
     assert fs.find(BUCKET) == [marker]
+
+
+def test_s3_missing_bucket_named_before_training(s3_server):
+    options = s3_server.storage_options()
+
+    with pytest.raises(FileNotFoundError, match="'no-such-bucket' does not exist"):
+        statefs.CheckpointManager("s3://no-such-bucket/run/ckpt", storage_options=options)
+
+
+def test_s3_single_part_upload_sends_crc32c(s3_server, monkeypatch):
+    s3_server.reset()
+    s3_server.create_bucket("crc-bucket")
+    backend, path = backends.resolve("s3://crc-bucket/a/file.bin", s3_server.storage_options())
+    sent = []
+    original = backend.fs.call_s3
+
+    def record(method, *args, **kwargs):
+        sent.append((method, kwargs.get("ChecksumCRC32C")))
+        return original(method, *args, **kwargs)
+
+    # s3fs binds the synchronous call_s3 on each instance, and S3File uses it.
+    monkeypatch.setattr(backend.fs, "call_s3", record)
+    data = b"statefs" * 1000
+
+    with backend.open_write(path) as handle:
+        handle.write(data)
+
+    assert ("put_object", digest_bytes(data).crc32c) in sent
+
+
+def test_s3_native_checksum_absent_on_moto(s3_server):
+    # moto neither checks nor keeps a client CRC32C, so verification falls
+    # back to reading the object; real S3 returns the value here.
+    s3_server.reset()
+    s3_server.create_bucket("crc-bucket")
+    backend, path = backends.resolve("s3://crc-bucket/a/file.bin", s3_server.storage_options())
+    backend.write_bytes(path, b"statefs")
+
+    assert backend.native_checksum(backend.info(path)) is None
