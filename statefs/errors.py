@@ -24,6 +24,10 @@ class IntegrityError(OSError):
             "restore it from another copy."
         )
 
+    def __reduce__(self):
+        # OSError pickles only its message, which this __init__ does not take.
+        return type(self), (self.url, self.field, self.expected, self.found)
+
 
 class ManifestError(ValueError):
     """A manifest is missing fields, has the wrong types, or names an unsafe path."""

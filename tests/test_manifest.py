@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import datetime
 import json
+import pickle
 
 import numpy as np
 import pytest
 
 from statefs.checksums import Digest, digest_bytes
-from statefs.errors import ManifestError
+from statefs.errors import IntegrityError, ManifestError
 from statefs.manifest import FORMAT_VERSION, Manifest, check_relative_path
 
 SOURCE = "memory://root/ckpt-3/statefs-manifest.json"
@@ -225,3 +226,12 @@ def test_check_relative_path_rejects_unsafe_path(path):
 )
 def test_check_relative_path_accepts_plain_path(path):
     assert check_relative_path(path, SOURCE) == path
+
+
+def test_integrity_error_survives_pickling():
+    error = IntegrityError("s3://bucket/unit/a.bin", "crc32c", "AAAAAA==", "BBBBBB==")
+
+    copy = pickle.loads(pickle.dumps(error))
+
+    assert str(copy) == str(error)
+    assert (copy.url, copy.field, copy.expected, copy.found) == (error.url, error.field, error.expected, error.found)
