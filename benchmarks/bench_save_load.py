@@ -1,15 +1,18 @@
 """Side-by-side timings: statefs against the plain Keras or fsspec call it wraps.
 
 Each row runs the baseline and statefs on the same model in this process,
-alternating, and reports the ratio of their median times. Results go to
+alternating, and reports the ratio of their median times. The checksum row
+compares statefs with itself, its CRC32C replaced by a hasher that does
+nothing, so the ratio is the cost of computing checksums during a save. Results go to
 benchmarks/results/save_load.{json,md,png}.
 
-    python benchmarks/bench_save_load.py --params 10_000_000 --repeats 5
+    python benchmarks/bench_save_load.py --params 40_000_000 --repeats 5
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -37,6 +40,28 @@ def build_model(params: int):
     x = np.zeros((8, width), dtype="float32")
     model.fit(x, x, epochs=1, verbose=0)
     return model
+
+
+class NoChecksum:
+    """A stand-in for statefs's CRC32C that hashes nothing, to measure what hashing costs."""
+
+    def update(self, data: bytes) -> None:
+        pass
+
+    def value(self) -> str:
+        return ""
+
+
+@contextlib.contextmanager
+def checksums_off():
+    import statefs.checksums
+
+    original = statefs.checksums.Crc32c
+    statefs.checksums.Crc32c = NoChecksum
+    try:
+        yield
+    finally:
+        statefs.checksums.Crc32c = original
 
 
 def median_seconds(action: Callable[[], None], repeats: int) -> list[float]:
@@ -76,6 +101,18 @@ def run(params: int, repeats: int, with_servers: bool) -> list[dict]:
         rows.append(compare(
             "checkpoint save, local: Keras save_weights vs statefs",
             lambda: model.save_weights(weights),
+            lambda: manager.save(model, step=next(step)),
+            repeats,
+        ))
+        unhashed = statefs.CheckpointManager(os.path.join(folder, "unhashed"), max_to_keep=1)
+
+        def save_without_checksums() -> None:
+            with checksums_off():
+                unhashed.save(model, step=next(step))
+
+        rows.append(compare(
+            "checkpoint save, local: statefs without vs with CRC32C",
+            save_without_checksums,
             lambda: manager.save(model, step=next(step)),
             repeats,
         ))
@@ -162,7 +199,7 @@ def _plot(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=int, default=10_000_000, help="model size in weights (default 10M)")
+    parser.add_argument("--params", type=int, default=40_000_000, help="model size in weights (default 40M)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each side (default 5)")
     parser.add_argument("--no-servers", action="store_true", help="skip the S3/GCS rows")
     args = parser.parse_args()
