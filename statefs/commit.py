@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator
 from statefs.backends import Backend
 from statefs.checksums import Digest, copy_stream
 from statefs.errors import IntegrityError, ManifestError, NotCommittedError, UnitExistsError
-from statefs.manifest import MANIFEST_NAME, Manifest, check_relative_path
+from statefs.manifest import MANIFEST_NAME, Manifest, check_relative_path, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ class UnitWriter:
             files=dict(self.files),
             metadata=self.metadata,
             versions=self.versions or library_versions(),
+            created=utc_now(),
         )
         self.backend.create_exclusive(self._path(MANIFEST_NAME), manifest.to_json())
         logger.info("Committed %s %s (%d files, %d bytes)", self.kind, self.url, len(self.files), manifest.total_size())

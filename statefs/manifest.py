@@ -49,7 +49,7 @@ class Manifest:
         document = {
             "format_version": self.format_version,
             "kind": self.kind,
-            "created": self.created or _utc_now(),
+            "created": self.created or utc_now(),
             "checksum_algorithm": ALGORITHM,
             "files": {
                 path: {"size": digest.size, "crc32c": digest.crc32c}
@@ -147,7 +147,7 @@ def _require(document: dict, field: str, expected_type: type, source: str) -> No
         )
 
 
-def _utc_now() -> str:
+def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 

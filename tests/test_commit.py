@@ -480,3 +480,12 @@ def test_rotation_keeps_uncommitted_checkpoint(store, tmp_path, trained_model):
     assert [checkpoint.step for checkpoint in manager.list()] == [3]
     assert store.path("ckpt", "ckpt-0", WEIGHTS) in remaining
     assert store.path("ckpt", "ckpt-1", WEIGHTS) not in remaining
+
+
+def test_commit_returns_manifest_with_created_time(store, tmp_path):
+    backend, root = root_backend(store)
+
+    manifest = commit_unit(backend, backend.join(root, "unit"), tmp_path)
+
+    assert manifest.created
+    assert read_manifest(fresh_backend(store), store.path("unit")).created == manifest.created
