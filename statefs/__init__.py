@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 
 from statefs.checkpoints import Checkpoint, CheckpointManager
 from statefs.errors import IntegrityError, ManifestError, NotCommittedError, UnitExistsError
+from statefs.gc import GarbageReport, collect_garbage
+from statefs.integrity import VerificationReport, verify
 from statefs.legacy import StateManagement
 from statefs.migration import MigrationReport, migrate
 from statefs.retention import KeepLatest
@@ -21,6 +23,7 @@ from statefs.versions import VersionRegistry
 __all__ = [
     "Checkpoint",
     "CheckpointManager",
+    "GarbageReport",
     "IntegrityError",
     "KeepLatest",
     "ManifestError",
@@ -29,8 +32,11 @@ __all__ = [
     "Snapshot",
     "StateManagement",
     "UnitExistsError",
+    "VerificationReport",
     "VersionRegistry",
+    "collect_garbage",
     "load_snapshot",
     "migrate",
     "save_snapshot",
+    "verify",
 ]

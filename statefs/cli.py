@@ -1,9 +1,15 @@
-"""The `statefs` command: migrate, ls, demo.
+"""The `statefs` command: migrate, ls, verify, gc, demo.
 
 Store settings come from fsspec's environment variables
 (`FSSPEC_S3_ENDPOINT_URL`, `FSSPEC_GCS_TOKEN`, ...) or from repeated
 `--option KEY=VALUE` flags, so the command needs no flag per store.
-Listing never imports TensorFlow; only `demo` does, when it trains.
+Listing, verify and gc never import TensorFlow; only `demo` does, when it
+trains.
+
+Exit status: 0 on success; 1 when `verify` finds a problem, and for any
+error a user can fix (wrong URL, missing package, unreachable store), which
+is printed as one `statefs: error:` line on stderr; 2 for invalid command
+line usage.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from statefs.checkpoints import CHECKPOINT_NAME
 from statefs.checksums import copy_stream
 from statefs.commit import committed_manifest_or_none, list_children, read_manifest
 from statefs.errors import ManifestError
+from statefs.gc import DEFAULT_GRACE_PERIOD, GarbageItem, collect_garbage
+from statefs.integrity import VerificationReport, verify
 from statefs.manifest import Manifest
 from statefs.snapshots import SIDECAR_SUFFIX, read_sidecar
 from statefs.versions import VERSION_NAME
@@ -86,6 +94,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_option_flag(ls, "--option", "options", "fsspec storage option for URL")
     ls.set_defaults(run=run_ls)
 
+    verify_command = commands.add_parser(
+        "verify",
+        help="check stored checkpoints, versions or snapshots against their manifests",
+        description=(
+            "Check every file under URL against the size and CRC32C its manifest records, without "
+            "downloading it to disk. Prints one line per problem and exits with 1 if there is any."
+        ),
+    )
+    verify_command.add_argument(
+        "url", metavar="URL", help="a checkpoint or version root, one unit, a folder of snapshots, or a snapshot file"
+    )
+    verify_command.add_argument("--json", action="store_true", help="print the report as one JSON document")
+    _add_option_flag(verify_command, "--option", "options", "fsspec storage option for URL")
+    verify_command.set_defaults(run=run_verify)
+
+    gc = commands.add_parser(
+        "gc",
+        help="remove leftovers of interrupted writes (claims without a manifest, temporary files)",
+        description=(
+            "Remove fragments (a ckpt-N or N folder with a claim but no manifest) and temporary files of "
+            "interrupted local writes under URL, once they are older than the grace period. Committed "
+            "units are never touched; anything gc cannot classify is listed and kept."
+        ),
+    )
+    gc.add_argument("url", metavar="URL", help="a checkpoint or version root, or one unit")
+    gc.add_argument("--dry-run", action="store_true", help="list what would be removed, and remove nothing")
+    gc.add_argument(
+        "--grace-period",
+        type=_non_negative_seconds,
+        default=DEFAULT_GRACE_PERIOD,
+        metavar="SECONDS",
+        help="minimum age in seconds of what is removed, because a younger fragment may belong to a "
+        f"write still in progress (default: {DEFAULT_GRACE_PERIOD:.0f})",
+    )
+    gc.add_argument("--json", action="store_true", help="print the report as one JSON document")
+    _add_option_flag(gc, "--option", "options", "fsspec storage option for URL")
+    gc.set_defaults(run=run_gc)
+
     demo = commands.add_parser(
         "demo",
         help="train a digits classifier, store and migrate its state, and reload every copy",
@@ -145,6 +191,63 @@ def run_ls(args: argparse.Namespace) -> int:
     for line in lines:
         print(line)
     return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    report = verify(args.url, storage_options=_options_dict(args.options))
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        for line in _verification_lines(report):
+            print(line)
+    return 0 if report.ok else 1
+
+
+def _verification_lines(report: VerificationReport) -> list[str]:
+    lines = [str(problem) for problem in report.problems]
+    lines.extend(f"note: {note}" for note in report.notes)
+    checked = (
+        f"{_count(len(report.units), 'unit')}, {_count(len(report.snapshots), 'snapshot')}, "
+        f"{_count(report.files, 'file')}, {report.bytes} bytes"
+    )
+    if report.ok:
+        lines.append(f"OK {report.url}: verified {checked}")
+    else:
+        lines.append(f"FAILED {report.url}: {_count(len(report.problems), 'problem')} in {checked}")
+    return lines
+
+
+def run_gc(args: argparse.Namespace) -> int:
+    report = collect_garbage(
+        args.url,
+        grace_period=args.grace_period,
+        dry_run=args.dry_run,
+        storage_options=_options_dict(args.options),
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    action = "would remove" if report.dry_run else "removed"
+    for item in report.removed:
+        print(f"{action} {item.kind} {item.url} ({_describe_age(item)})")
+    for item in report.kept:
+        age = f", {_describe_age(item)}" if item.age is not None else ""
+        print(f"kept {item.kind} {item.url}: {item.reason}{age}")
+    print(
+        f"{report.url}: {action} {len(report.removed)}, kept {len(report.kept)}, "
+        f"left {_count(len(report.committed), 'committed item')} untouched"
+    )
+    return 0
+
+
+def _describe_age(item: GarbageItem) -> str:
+    if item.age is None:
+        return "age unknown"
+    if item.age >= 3600:
+        return f"{item.age / 3600:.1f} h old"
+    if item.age >= 60:
+        return f"{item.age / 60:.0f} min old"
+    return f"{max(item.age, 0):.0f} s old"
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -348,6 +451,16 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer. Received: {text!r}")
+    return value
+
+
+def _non_negative_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number of seconds. Received: {text!r}")
     return value
 
 

@@ -16,8 +16,8 @@ from statefs.commit import (
     require_manifest,
     staging_folder,
 )
-from statefs.errors import UnitExistsError
-from statefs.manifest import Manifest
+from statefs.errors import ManifestError, UnitExistsError
+from statefs.manifest import MANIFEST_NAME, Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class VersionRegistry:
         Raises:
             FileNotFoundError: the version is not committed.
             IntegrityError: a downloaded file differs from the manifest.
+            ManifestError: the manifest is invalid or lists no model.keras.
         """
         from statefs import keras_io
 
@@ -114,6 +115,11 @@ class VersionRegistry:
                 raise FileNotFoundError(f"No committed version under {self.url} to load.")
         path = self._version_path(version)
         manifest = require_manifest(self.backend, path, f"version {version}")
+        if keras_io.KERAS_FILE not in manifest.files:
+            raise ManifestError(
+                f"Invalid manifest {self.backend.url(self.backend.join(path, MANIFEST_NAME))}: version {version} "
+                f"lists no {keras_io.KERAS_FILE}, which load() reads. Load the SavedModel with TensorFlow instead."
+            )
         subset = Manifest(kind=manifest.kind, files={keras_io.KERAS_FILE: manifest.files[keras_io.KERAS_FILE]})
         with staging_folder("load") as staging:
             download_unit(self.backend, path, subset, staging, verify_checksums=verify_checksums)
