@@ -173,7 +173,7 @@ def run_migrate(args: argparse.Namespace) -> int:
     for item in report.items:
         print(
             f"{item.action} {item.kind} {item.source} → {item.destination}: "
-            f"{item.files} files, {item.bytes} bytes, {item.seconds:.2f} s"
+            f"{_count(item.files, 'file')}, {item.bytes} bytes, {item.seconds:.2f} s"
         )
     for skipped in report.skipped:
         print(f"skipped {skipped}")
@@ -286,7 +286,7 @@ def _describe_file(backend: Backend, path: str) -> list[str]:
 def _describe_unit(backend: Backend, path: str, manifest: Manifest) -> list[str]:
     """Return the kind, metadata and files of one committed unit."""
     lines = [
-        f"{backend.url(path)}: committed {manifest.kind}, {len(manifest.files)} files, "
+        f"{backend.url(path)}: committed {manifest.kind}, {_count(len(manifest.files), 'file')}, "
         f"{manifest.total_size()} bytes ({_kib(manifest.total_size())} KiB), created {manifest.created}",
     ]
     if manifest.metadata:

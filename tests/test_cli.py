@@ -100,7 +100,7 @@ def test_migrate_snapshot_from_file_prints_line(store, tmp_path, capsys):
     assert len(lines) == 1
     assert lines[0].startswith("copied snapshot file://")
     assert f"→ {store.fs().unstrip_protocol(store.path('exported', 'digits.keras'))}:" in lines[0]
-    assert f"1 files, {source.stat().st_size} bytes" in lines[0]
+    assert f"1 file, {source.stat().st_size} bytes" in lines[0]
     assert store.fs().cat_file(store.path("exported", "digits.keras")) == source.read_bytes()
 
 
@@ -132,7 +132,7 @@ def test_migrate_root_prints_skipped_units(tmp_path, model, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert status == 0
     assert len(lines) == 2
-    assert lines[0].startswith(f"copied checkpoint file://{source}/ckpt-1 → file://{tmp_path}/copy/ckpt-1: 1 files, ")
+    assert lines[0].startswith(f"copied checkpoint file://{source}/ckpt-1 → file://{tmp_path}/copy/ckpt-1: 1 file, ")
     assert lines[1] == f"skipped file://{source}/ckpt-2: not committed"
 
 
