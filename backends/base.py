@@ -129,10 +129,15 @@ class Backend:
 
     # Reading and writing.
 
+    # s3fs looks a file up in the instance's listing cache before reading
+    # it, so a listing taken before a commit would hide the new manifest.
+
     def open_read(self, path: str) -> IO[bytes]:
+        self.fs.invalidate_cache(path)
         return self.fs.open(path, "rb")
 
     def read_bytes(self, path: str) -> bytes:
+        self.fs.invalidate_cache(path)
         return self.fs.cat_file(path)
 
     @contextlib.contextmanager
