@@ -1,4 +1,4 @@
-"""How bytes reach a store: the Backend contract and the registry of backends.
+"""Backends, which carry bytes to a store: the Backend contract and the registry.
 
 A backend is chosen from the fsspec filesystem that a URL resolves to. The
 built-in ones cover local disk, `memory://`, `s3://` and `gs://`. Other

@@ -1,9 +1,8 @@
 """The Backend contract: how statefs reaches bytes in one fsspec filesystem.
 
-The core never branches on a protocol name. It asks a backend for the few
-operations below and reads `capabilities` to choose a strategy, so a store
-with weaker guarantees gets a warning rather than silently different
-semantics.
+The core never branches on a protocol name. It calls the few operations
+below and reads `capabilities` to choose a strategy, so a store with weaker
+guarantees gets a warning rather than silently different semantics.
 """
 
 from __future__ import annotations
@@ -184,9 +183,8 @@ class Backend:
     def create_exclusive(self, path: str, data: bytes) -> None:
         """Write `path` only if no object is there; raise FileExistsError if one is.
 
-        The generic version checks and then writes, which two writers can
-        race; stores that can do better override this and say so in
-        `capabilities.exclusive_create`.
+        The generic version checks and then writes, so two writers can race.
+        Stores that do better override it and set `capabilities.exclusive_create`.
         """
         if self.exists(path):
             raise FileExistsError(f"{self.url(path)} already exists")

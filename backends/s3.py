@@ -120,7 +120,7 @@ class S3Backend(Backend):
             response = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
         except OSError as error:
             code = _error_code(error)
-            # moto answers If-Match on a deleted key with 404 NoSuchKey, not 412.
+            # moto rejects If-Match on a deleted key with 404 NoSuchKey, not 412.
             if code in _CONFLICT_CODES or code == "NoSuchKey":
                 raise ConcurrentUpdateError(self.url(path), expected_token) from None
             raise

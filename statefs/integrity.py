@@ -4,7 +4,8 @@
 version (a unit), a root folder of them, or a snapshot file. Each payload
 file is compared with the size and CRC32C its manifest records. Sizes come
 from a listing, and checksums from the listing where the store keeps a
-compatible one (GCS) or from streaming the object through a hash otherwise.
+compatible one (GCS, and S3 for single-part uploads) or from streaming the
+object through a hash otherwise.
 Nothing is written to local disk.
 
 What counts as a failure, and what is only a note:

@@ -82,7 +82,7 @@ def migrate(
     ```
 
     Raises:
-        FileNotFoundError: `src` holds nothing statefs can migrate.
+        FileNotFoundError: `src` contains nothing statefs can migrate.
         UnitExistsError: a different unit is already committed at the destination.
         IntegrityError: a source file differs from its manifest, or the copy
             differs from the source.
