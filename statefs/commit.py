@@ -251,8 +251,14 @@ def download_unit(
             raise ManifestError(f"Manifest path {relative_path!r} leads outside {local_folder}.")
         os.makedirs(os.path.dirname(target), exist_ok=True)
         source_path = backend.join(prefix, relative_path)
-        with backend.open_read(source_path) as reader, open(target, "wb") as writer:
-            digest = copy_stream(reader, writer)
+        try:
+            with backend.open_read(source_path) as reader, open(target, "wb") as writer:
+                digest = copy_stream(reader, writer)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{backend.url(source_path)} is listed in the manifest but missing. "
+                "The unit is damaged; restore it from another copy."
+            ) from None
         check_digest(backend.url(source_path), expected, digest, checksum=verify_checksums)
 
 

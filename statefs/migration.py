@@ -137,7 +137,9 @@ def copy_unit(source: Backend, src_path: str, manifest: Manifest, target: Backen
 
 def _migrate_root(source: Backend, src_path: str, target: Backend, dst_path: str, report: MigrationReport) -> None:
     """Copy every committed version or checkpoint under a root folder."""
-    for name, path in sorted(list_children(source, src_path).items()):
+    children = list_children(source, src_path).items()
+    # Numeric order, so ckpt-57 is copied before ckpt-114.
+    for name, path in sorted(children, key=lambda child: (len(child[0]), child[0])):
         if not (VERSION_NAME.match(name) or CHECKPOINT_NAME.match(name)):
             continue
         manifest = committed_manifest_or_none(source, path)

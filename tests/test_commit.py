@@ -489,3 +489,13 @@ def test_commit_returns_manifest_with_created_time(store, tmp_path):
 
     assert manifest.created
     assert read_manifest(fresh_backend(store), store.path("unit")).created == manifest.created
+
+
+def test_download_unit_names_missing_file_url(store, tmp_path):
+    backend, root = root_backend(store)
+    manifest = commit_unit(backend, backend.join(root, "unit"), tmp_path)
+    store.fs().rm_file(store.path("unit", WEIGHTS))
+
+    with pytest.raises(FileNotFoundError, match="listed in the manifest but missing") as raised:
+        download_unit(fresh_backend(store), store.path("unit"), manifest, str(tmp_path / "download"))
+    assert store.url("unit", WEIGHTS).split("://")[-1] in str(raised.value)
