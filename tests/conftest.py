@@ -172,6 +172,26 @@ def build_model(compile: bool = True, loss: str = "sparse_categorical_crossentro
     return model
 
 
+@pytest.fixture(scope="module")
+def trained(digits):
+    """A classifier trained for one epoch, shared by the tests of a module that only save it."""
+    model = build_model()
+    x, y, _, _ = digits
+    model.fit(x, y, epochs=1, batch_size=64, verbose=0)
+    return model
+
+
+def stored_files(store, name: str = "") -> dict[str, int]:
+    """Return {path relative to `name`: size} as a new filesystem instance lists them."""
+    fs = store.fs()
+    root = store.path(name).rstrip("/") + "/"
+    try:
+        found = fs.find(root, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {path[len(root):]: info["size"] for path, info in found.items() if info.get("type") != "directory"}
+
+
 @pytest.fixture
 def model(digits):
     """A digits classifier trained for one epoch, so its optimizer has state."""

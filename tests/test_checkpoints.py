@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import statefs
-from conftest import build_model
+from conftest import build_model, stored_files
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 MANIFEST = "statefs-manifest.json"
@@ -20,14 +20,6 @@ WEIGHTS = "checkpoint.weights.h5"
 
 def manager_for(store, name: str = "ckpt", **kwargs) -> statefs.CheckpointManager:
     return statefs.CheckpointManager(store.url(name), storage_options=store.storage_options, **kwargs)
-
-
-def stored_files(store, name: str) -> dict[str, int]:
-    """Return {path relative to `name`: size} as a new filesystem instance lists them."""
-    fs = store.fs()
-    root = store.path(name).rstrip("/") + "/"
-    found = fs.find(root, detail=True)
-    return {path[len(root):]: info["size"] for path, info in found.items() if info.get("type") != "directory"}
 
 
 def stored_folders(store, name: str) -> set[str]:
@@ -42,15 +34,6 @@ def optimizer_state(model) -> list[tuple[str, np.ndarray]]:
     because the rest names layers, which differ between two built models.
     """
     return [(variable.name.rsplit("_", 2)[-2:], variable.numpy()) for variable in model.optimizer.variables]
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    """A classifier trained for one epoch, shared by tests that only save it."""
-    model = build_model()
-    x, y, _, _ = digits
-    model.fit(x, y, epochs=1, batch_size=64, verbose=0)
-    return model
 
 
 def test_empty_root_has_no_checkpoints(store):

@@ -25,7 +25,7 @@ import pytest
 
 import crash_child
 import statefs
-from conftest import build_model
+from conftest import build_model, stored_files
 from crash_child import CrashServer, run_trial
 from statefs import backends, keras_io
 from statefs.checksums import digest_bytes
@@ -46,17 +46,6 @@ def trained(digits):
     x, y, _, _ = digits
     model.fit(x[:256], y[:256], epochs=1, batch_size=64, verbose=0)
     return model
-
-
-def stored_files(store, name: str = "") -> dict[str, int]:
-    """Return {path relative to `name`: size} as a new filesystem instance lists them."""
-    fs = store.fs()
-    root = store.path(name).rstrip("/") + "/"
-    try:
-        found = fs.find(root, detail=True)
-    except FileNotFoundError:
-        return {}
-    return {path[len(root):]: info["size"] for path, info in found.items() if info.get("type") != "directory"}
 
 
 def weights_equal(first, second) -> bool:

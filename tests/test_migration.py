@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import statefs
-from conftest import build_model, predictions_equal
+from conftest import build_model, predictions_equal, stored_files
 from statefs.commit import UnitWriter
 from statefs.keras_io import LegacyCompileWarning
 from statefs.snapshots import SIDECAR_SUFFIX
@@ -18,26 +18,6 @@ from statefs.snapshots import SIDECAR_SUFFIX
 MANIFEST = "statefs-manifest.json"
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    """A classifier trained for one epoch, shared by tests that only save it."""
-    model = build_model()
-    x, y, _, _ = digits
-    model.fit(x, y, epochs=1, batch_size=64, verbose=0)
-    return model
-
-
-def stored_files(store, name: str = "") -> dict[str, int]:
-    """Return {path relative to `name`: size} as a new filesystem instance lists them."""
-    fs = store.fs()
-    root = store.path(name).rstrip("/") + "/"
-    try:
-        found = fs.find(root, detail=True)
-    except FileNotFoundError:
-        return {}
-    return {path[len(root):]: info["size"] for path, info in found.items() if info.get("type") != "directory"}
 
 
 def read(store, name: str) -> bytes:

@@ -19,15 +19,6 @@ from statefs.snapshots import SIDECAR_SUFFIX
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(scope="module")
-def trained(digits):
-    """A classifier trained for one epoch, shared by tests that only save it."""
-    model = build_model()
-    x, y, _, _ = digits
-    model.fit(x, y, epochs=1, batch_size=64, verbose=0)
-    return model
-
-
 def stored_names(store) -> set[str]:
     """Return every file under the root, relative to it, as a new filesystem instance lists them."""
     fs = store.fs()

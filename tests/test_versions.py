@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import statefs
-from conftest import build_model, predictions_equal
+from conftest import build_model, predictions_equal, stored_files
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 MANIFEST = "statefs-manifest.json"
@@ -21,14 +21,6 @@ CLAIM = ".statefs-claim"
 
 def registry_for(store, name: str = "models/digits") -> statefs.VersionRegistry:
     return statefs.VersionRegistry(store.url(name), storage_options=store.storage_options)
-
-
-def stored_files(store, name: str) -> dict[str, int]:
-    """Return {path relative to `name`: size} as a new filesystem instance lists them."""
-    fs = store.fs()
-    root = store.path(name).rstrip("/") + "/"
-    found = fs.find(root, detail=True)
-    return {path[len(root):]: info["size"] for path, info in found.items() if info.get("type") != "directory"}
 
 
 def copy_folder(store, source: str, destination: str, *, skip: tuple[str, ...] = ()) -> None:
@@ -40,15 +32,6 @@ def copy_folder(store, source: str, destination: str, *, skip: tuple[str, ...] =
         target = store.path(destination, relative)
         fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         fs.pipe_file(target, fs.cat_file(store.path(source, relative)))
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    """A classifier trained for one epoch, shared by tests that only publish it."""
-    model = build_model()
-    x, y, _, _ = digits
-    model.fit(x, y, epochs=1, batch_size=64, verbose=0)
-    return model
 
 
 def test_empty_root_has_no_versions(store):
