@@ -10,12 +10,13 @@ Nothing is written to local disk.
 
 What counts as a failure, and what is only a note:
 
-- A problem makes `VerificationReport.ok` false: a missing, resized or
-  changed payload file, an invalid manifest, a manifest entry that leads
-  outside its unit, a snapshot without a sidecar manifest (nothing records
-  its checksum, so it cannot be verified), a unit URL that contains a claim but
-  no manifest, and a URL where statefs finds nothing it can verify. The last
-  one catches a mistyped URL, which would otherwise pass as an empty root.
+- A problem makes `VerificationReport.ok` false. Problems are a missing,
+  resized or changed payload file, an invalid manifest, and a manifest entry
+  that leads outside its unit. A snapshot without a sidecar manifest is one
+  too, because nothing records its checksum. So are a unit URL that contains
+  a claim but no manifest, and a URL where statefs finds nothing it can
+  verify. The last one catches a mistyped URL, which would otherwise pass as
+  an empty root.
 - A note does not: uncommitted fragments under a root (readers ignore them,
   and `collect_garbage` removes them), folders and files that statefs did
   not write, and files in a unit that its manifest does not list.
