@@ -23,7 +23,7 @@ from statefs.commit import (
 )
 from statefs.errors import UnitExistsError
 from statefs.manifest import Manifest
-from statefs.snapshots import SIDECAR_SUFFIX, write_sidecar, download_snapshot, read_sidecar, upload_snapshot
+from statefs.snapshots import SIDECAR_SUFFIX, download_snapshot, read_sidecar_manifest, upload_snapshot, write_sidecar
 from statefs.versions import SAVED_MODEL_LAST, VERSION_NAME
 
 logger = logging.getLogger(__name__)
@@ -157,8 +157,11 @@ def _migrate_snapshot(source: Backend, src_path: str, target: Backend, dst_path:
     src_format = keras_io.snapshot_format(src_path)
     dst_format = keras_io.snapshot_format(dst_path)
     if src_format == dst_format:
-        digest = _copy_snapshot(source, src_path, target, dst_path)
-        write_sidecar(target, dst_path, dst_format, digest)
+        recorded = read_sidecar_manifest(source, src_path)
+        digest = _copy_snapshot(source, src_path, target, dst_path, recorded)
+        # The metadata travels too, so a ModelCheckpoint at the destination still recognises its files.
+        metadata = dict(recorded.metadata) if recorded is not None else None
+        write_sidecar(target, dst_path, dst_format, digest, metadata=metadata)
         action = "copied"
     else:
         digest = _convert_snapshot(source, src_path, target, dst_path)
@@ -175,8 +178,9 @@ def _migrate_snapshot(source: Backend, src_path: str, target: Backend, dst_path:
     )
 
 
-def _copy_snapshot(source: Backend, src_path: str, target: Backend, dst_path: str) -> Digest:
-    expected = read_sidecar(source, src_path)
+def _copy_snapshot(source: Backend, src_path: str, target: Backend, dst_path: str, recorded: Manifest | None) -> Digest:
+    name = src_path.rstrip("/").rsplit("/", 1)[-1]
+    expected = recorded.files[name] if recorded is not None else None
     with source.open_read(src_path) as reader, target.open_write(dst_path) as writer:
         digest = copy_stream(reader, writer)
         # Checked before the write block ends, so a damaged source makes

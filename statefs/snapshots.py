@@ -29,13 +29,20 @@ class Snapshot:
     crc32c: str
 
 
-def save_snapshot(model: Any, url: str, *, storage_options: dict[str, Any] | None = None) -> Snapshot:
+def save_snapshot(
+    model: Any,
+    url: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Snapshot:
     """Save the whole model as one file at `url`; the suffix selects the format.
 
     The file appears whole or not at all (temporary file and rename on local
     disk, a single completed upload on object stores). Its size and CRC32C go
     to `<url>.statefs-manifest.json` beside it, where loads and `verify` find
-    them. An existing snapshot at `url` is replaced.
+    them, together with `metadata` (JSON values) if given. An existing
+    snapshot at `url` is replaced.
 
     Example:
 
@@ -55,7 +62,7 @@ def save_snapshot(model: Any, url: str, *, storage_options: dict[str, Any] | Non
     with staging_folder("snapshot") as staging:
         local_file = os.path.join(staging, "model" + keras_io.snapshot_suffix(url))
         keras_io.save_model_file(model, local_file)
-        return upload_snapshot(local_file, backend, path, fmt)
+        return upload_snapshot(local_file, backend, path, fmt, metadata=metadata)
 
 
 def load_snapshot(
@@ -91,11 +98,13 @@ def load_snapshot(
         return keras_io.load_model_file(local_file, model=model, compile=compile, source=backend.url(path))
 
 
-def upload_snapshot(local_file: str, backend: Backend, path: str, fmt: str) -> Snapshot:
+def upload_snapshot(
+    local_file: str, backend: Backend, path: str, fmt: str, *, metadata: dict[str, Any] | None = None
+) -> Snapshot:
     """Upload a local snapshot file and its sidecar manifest."""
     with open(local_file, "rb") as source, backend.open_write(path) as target:
         digest = copy_stream(source, target)
-    write_sidecar(backend, path, fmt, digest)
+    write_sidecar(backend, path, fmt, digest, metadata=metadata)
     logger.info("Saved snapshot %s (%d bytes)", backend.url(path), digest.size)
     return Snapshot(url=backend.url(path), format=fmt, size=digest.size, crc32c=digest.crc32c)
 
@@ -114,6 +123,16 @@ def download_snapshot(backend: Backend, path: str, local_file: str, *, verify_ch
 
 def read_sidecar(backend: Backend, path: str) -> Digest | None:
     """Return the recorded digest of the snapshot at `path`, or None if it has no sidecar."""
+    manifest = read_sidecar_manifest(backend, path)
+    return None if manifest is None else manifest.files[_file_name(path)]
+
+
+def read_sidecar_manifest(backend: Backend, path: str) -> Manifest | None:
+    """Return the sidecar manifest of the snapshot at `path`, or None if it has none.
+
+    Raises:
+        ManifestError: the sidecar is not a valid snapshot manifest for `path`.
+    """
     sidecar = path + SIDECAR_SUFFIX
     try:
         data = backend.read_bytes(sidecar)
@@ -123,11 +142,19 @@ def read_sidecar(backend: Backend, path: str) -> Digest | None:
     name = _file_name(path)
     if manifest.kind != "snapshot" or name not in manifest.files:
         raise ManifestError(f"Invalid manifest {backend.url(sidecar)}: expected a snapshot entry for {name!r}.")
-    return manifest.files[name]
+    return manifest
 
 
-def write_sidecar(backend: Backend, path: str, fmt: str, digest: Digest) -> None:
-    manifest = Manifest(kind="snapshot", files={_file_name(path): digest}, metadata={"format": fmt}, versions=library_versions())
+def write_sidecar(
+    backend: Backend, path: str, fmt: str, digest: Digest, *, metadata: dict[str, Any] | None = None
+) -> None:
+    """Write the sidecar manifest of the snapshot at `path`, with `metadata` beside the format entry."""
+    manifest = Manifest(
+        kind="snapshot",
+        files={_file_name(path): digest},
+        metadata={**(metadata or {}), "format": fmt},
+        versions=library_versions(),
+    )
     backend.write_bytes(path + SIDECAR_SUFFIX, manifest.to_json())
 
 

@@ -64,6 +64,17 @@ def test_snapshot_copy_is_byte_identical(other_store, trained, src_backend, dst_
     assert target_sidecar["files"] == source_sidecar["files"]
 
 
+def test_snapshot_copy_keeps_sidecar_metadata(other_store, trained):
+    source, target = other_store("memory"), other_store("file")
+    metadata = {"writer": "statefs.keras.ModelCheckpoint", "epoch": 3}
+    statefs.save_snapshot(trained, source.url("snap/model-03.keras"), metadata=metadata)
+
+    migrate(source, "snap/model-03.keras", target, "copy/model-03.keras")
+
+    target_sidecar = json.loads(read(target, "copy/model-03.keras" + SIDECAR_SUFFIX))
+    assert target_sidecar["metadata"] == {**metadata, "format": "keras"}
+
+
 def test_folder_destination_keeps_file_name(other_store, trained, digits):
     source, target = other_store("s3"), other_store("file")
     statefs.save_snapshot(trained, source.url("snap/digits.keras"), storage_options=source.storage_options)
