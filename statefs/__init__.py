@@ -16,7 +16,7 @@ from statefs.gc import GarbageReport, collect_garbage
 from statefs.integrity import VerificationReport, verify
 from statefs.legacy import StateManagement
 from statefs.migration import MigrationReport, migrate
-from statefs.retention import KeepLatest
+from statefs.retention import KeepBest, KeepEvery, KeepLatest
 from statefs.snapshots import Snapshot, load_snapshot, save_snapshot
 from statefs.versions import VersionRegistry
 
@@ -25,6 +25,8 @@ __all__ = [
     "CheckpointManager",
     "GarbageReport",
     "IntegrityError",
+    "KeepBest",
+    "KeepEvery",
     "KeepLatest",
     "ManifestError",
     "MigrationReport",

@@ -28,7 +28,7 @@ import time
 from typing import Any, Iterable, Iterator
 
 from statefs.backends import Backend
-from statefs.checksums import Digest, copy_stream
+from statefs.checksums import Crc32c, Digest, copy_stream
 from statefs.errors import IntegrityError, ManifestError, NotCommittedError, UnitExistsError
 from statefs.manifest import MANIFEST_NAME, Manifest, check_relative_path, utc_now
 
@@ -131,6 +131,17 @@ class UnitWriter:
         with open(local_path, "rb") as source, self.backend.open_write(self._path(relative_path)) as target:
             digest = copy_stream(source, target)
         return self._record(relative_path, digest)
+
+    def put_chunks(self, relative_path: str, chunks: Iterable[Any]) -> Digest:
+        """Upload the concatenation of `chunks` (read-only bytes-like objects) as one file, hashing as it streams."""
+        checksum = Crc32c()
+        size = 0
+        with self.backend.open_write(self._path(relative_path)) as target:
+            for chunk in chunks:
+                checksum.update(chunk)
+                target.write(chunk)
+                size += memoryview(chunk).nbytes
+        return self._record(relative_path, Digest(size=size, crc32c=checksum.value()))
 
     def put_folder(self, local_folder: str, *, last: Iterable[str] = ()) -> None:
         """Upload every file under `local_folder`; names in `last` go after the others."""

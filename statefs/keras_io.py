@@ -17,7 +17,6 @@ logger = logging.getLogger(__name__)
 
 # ".weights.h5" comes before ".h5", which it also ends with.
 SNAPSHOT_FORMATS = {".weights.h5": "weights", ".keras": "keras", ".h5": "h5"}
-CHECKPOINT_FILE = "checkpoint.weights.h5"
 KERAS_FILE = "model.keras"
 
 

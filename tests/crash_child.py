@@ -10,10 +10,12 @@ worker and writes an `ended` event with its exit code. Forking from a
 process that has already imported everything makes a new worker cost
 milliseconds instead of the second that a fresh interpreter needs.
 
-The worker never imports TensorFlow. The model it saves is a stand-in that
-copies files prepared once by the parent (a real Keras weights file, a real
-SavedModel and `.keras` file), so the parent can restore what survives with
-Keras. Only serialization is replaced; every byte goes through statefs.
+The worker never imports TensorFlow. The model it saves is a stand-in built
+from files that the parent prepared once from real Keras models (variable
+values, a SavedModel and a `.keras` file), so the parent can restore what
+survives with Keras. A checkpoint captures the stand-in's variables with
+statefs's own code, and a version copies the prepared files in place of
+Keras's serialization. Every byte goes through statefs.
 
 Imported as a module, it gives the parent side: `CrashServer` drives the
 server, `Campaign` runs trials and checks what a killed worker left.
@@ -39,7 +41,7 @@ from typing import Any, Callable, Iterator
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# Small enough that the prepared checkpoint file (about 6 MiB) goes up as an
+# Small enough that the state.bin of a checkpoint (about 6 MiB) goes up as an
 # S3 multipart or GCS resumable upload, so kills land inside one.
 BLOCK_SIZE = 5 * 2**20
 # A worker that is not killed exits by itself after this long, so no process
@@ -133,14 +135,53 @@ def instrument(backend_class: type) -> None:
     backend_class.delete_tree = delete_tree_marked
 
 
+class PreparedVariable:
+    """A stand-in for a Keras variable, holding a NumPy array.
+
+    Its `value` offers `read_value()`, as a TensorFlow variable's value does,
+    so statefs captures it without importing Keras or TensorFlow.
+    """
+
+    def __init__(self, path: str, array: Any):
+        self.path = path
+        self.array = array
+        self.dtype = array.dtype.name
+        self.shape = array.shape
+
+    @property
+    def value(self) -> PreparedVariable:
+        return self
+
+    def read_value(self) -> Any:
+        return self.array
+
+
+class PreparedOptimizer:
+    built = True
+
+    def __init__(self, variables: list[PreparedVariable]):
+        self.variables = variables
+
+
 class PreparedModel:
-    """A stand-in for a Keras model whose save methods copy files prepared by the parent."""
+    """A stand-in for a trained Keras model.
+
+    Its variables come from the parent's arrays, and `save` copies a prepared `.keras` file.
+    """
 
     def __init__(self, files: dict[str, str]):
-        self.files = files
+        import numpy as np
 
-    def save_weights(self, path: str) -> None:
-        shutil.copyfile(self.files["weights"], path)
+        self.files = files
+        groups: dict[str, list[PreparedVariable]] = {"model": [], "optimizer": [], "metrics": []}
+        with np.load(files["variables"]) as arrays:
+            # Keys are "<group>.<index>" with a zero-padded index, so sorting restores the order.
+            for key in sorted(arrays.files):
+                group = key.split(".", 1)[0]
+                groups[group].append(PreparedVariable(key, arrays[key]))
+        self.variables = groups["model"]
+        self.optimizer = PreparedOptimizer(groups["optimizer"])
+        self.metrics_variables = groups["metrics"]
 
     def save(self, path: str) -> None:
         shutil.copyfile(self.files["keras"], path)
@@ -231,6 +272,7 @@ def serve() -> None:
 
     import statefs.checkpoints  # noqa: F401
     import statefs.migration  # noqa: F401
+    import statefs.training_state
     import statefs.versions  # noqa: F401
     from statefs.backends import GCSBackend, LocalBackend, S3Backend
 
@@ -472,7 +514,7 @@ class Target:
 
 
 def wide_model() -> Any:
-    """Return a compiled model whose weights file with Adam slots is about 6 MiB, more than one block."""
+    """Return a compiled model whose state with Adam slots is about 6 MiB, more than one block."""
     import keras
 
     keras.utils.set_random_seed(11)
@@ -496,7 +538,7 @@ def small_model() -> Any:
 
 @dataclasses.dataclass
 class Prepared:
-    """Files that workers copy instead of serializing, and the models they came from."""
+    """Files that workers use instead of serializing a model, and the models they came from."""
 
     files: dict[str, str]
     wide: Any
@@ -504,8 +546,18 @@ class Prepared:
     inputs: Any
 
 
+def variable_arrays(model: Any) -> dict[str, Any]:
+    """Return the values of the model's, its optimizer's and its metrics' variables, keyed in order."""
+    groups = {"model": model.variables, "optimizer": model.optimizer.variables, "metrics": model.metrics_variables}
+    arrays = {}
+    for group, variables in groups.items():
+        for index, variable in enumerate(variables):
+            arrays[f"{group}.{index:05d}"] = variable.numpy()
+    return arrays
+
+
 def prepare_files(folder: str) -> Prepared:
-    """Train both models one step and write the files a stand-in model copies."""
+    """Train both models one step and write the files that the stand-in models use."""
     import numpy as np
 
     from statefs import keras_io
@@ -518,11 +570,11 @@ def prepare_files(folder: str) -> Prepared:
     for model in (wide, small):
         model.fit(inputs, labels, epochs=1, batch_size=32, verbose=0)
     files = {
-        "weights": os.path.join(folder, keras_io.CHECKPOINT_FILE),
+        "variables": os.path.join(folder, "variables.npz"),
         "saved_model": os.path.join(folder, "saved_model"),
         "keras": os.path.join(folder, keras_io.KERAS_FILE),
     }
-    wide.save_weights(files["weights"])
+    np.savez(files["variables"], **variable_arrays(wide))
     keras_io.export_saved_model(small, files["saved_model"])
     small.save(files["keras"])
     return Prepared(files, wide, small, inputs)

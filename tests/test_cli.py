@@ -132,7 +132,7 @@ def test_migrate_root_prints_skipped_units(tmp_path, model, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert status == 0
     assert len(lines) == 2
-    assert lines[0].startswith(f"copied checkpoint file://{source}/ckpt-1 → file://{tmp_path}/copy/ckpt-1: 1 file, ")
+    assert lines[0].startswith(f"copied checkpoint file://{source}/ckpt-1 → file://{tmp_path}/copy/ckpt-1: 2 files, ")
     assert lines[1] == f"skipped file://{source}/ckpt-2: not committed"
 
 

@@ -49,7 +49,7 @@ class Artefact:
 
 ARTEFACTS = {
     "checkpoint": Artefact(
-        "ckpt", ("ckpt", "ckpt-2"), ("ckpt", "ckpt-2", "checkpoint.weights.h5"), ("ckpt", "ckpt-2", MANIFEST)
+        "ckpt", ("ckpt", "ckpt-2"), ("ckpt", "ckpt-2", "state.bin"), ("ckpt", "ckpt-2", MANIFEST)
     ),
     # VersionRegistry.load reads only model.keras, and verify covers the SavedModel files too.
     "version": Artefact("models", ("models", "1"), ("models", "1", "model.keras"), ("models", "1", MANIFEST)),

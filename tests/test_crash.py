@@ -36,7 +36,7 @@ TRIALS = {"checkpoint": 20, "version": 15, "migrate": 15}
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """Real Keras files that the workers copy instead of serializing a model."""
+    """Files prepared from real Keras models, which the workers use instead of serializing a model."""
     return crash_child.prepare_files(str(tmp_path_factory.mktemp("prepared")))
 
 

@@ -27,10 +27,11 @@ import crash_child
 import statefs
 from conftest import build_model, stored_files
 from crash_child import CrashServer, run_trial
-from statefs import backends, keras_io
+from statefs import backends
 from statefs.checksums import digest_bytes
 from statefs.commit import CLAIM_NAME, UnitWriter, read_manifest, remove_fragment, verify_unit
 from statefs.manifest import MANIFEST_NAME
+from statefs.training_state import INDEX_FILE, STATE_FILE, CapturedState, Position
 
 pytestmark = pytest.mark.slow
 
@@ -65,14 +66,12 @@ def checkpoints_for(store) -> statefs.CheckpointManager:
     return statefs.CheckpointManager(store.url("ckpt"), storage_options=store.storage_options)
 
 
-def leave_fragment(store, step: int, model, tmp_path) -> None:
+def leave_fragment(store, step: int, model) -> None:
     """Claim a step and upload its payload without the manifest, as a writer that died there would."""
     backend, path = backends.resolve(store.url("ckpt", f"ckpt-{step}"), store.storage_options)
-    local_file = str(tmp_path / keras_io.CHECKPOINT_FILE)
-    model.save_weights(local_file)
     writer = UnitWriter(backend, path, kind="checkpoint")
     writer.claim()
-    writer.put_file(local_file, keras_io.CHECKPOINT_FILE)
+    CapturedState(model, Position(step=step)).write(writer)
 
 
 def failing_commit(self):
@@ -84,18 +83,18 @@ def test_failed_commit_keeps_last_checkpoint(store, trained, monkeypatch):
     checkpoints_for(store).save(trained, step=1)
     checkpoints_for(store).save(trained, step=2)
     uploaded = []
-    original_put_file = UnitWriter.put_file
+    original_put_chunks = UnitWriter.put_chunks
 
-    def put_file(self, local_path, relative_path):
+    def put_chunks(self, relative_path, chunks):
         uploaded.append(relative_path)
-        return original_put_file(self, local_path, relative_path)
+        return original_put_chunks(self, relative_path, chunks)
 
-    monkeypatch.setattr(UnitWriter, "put_file", put_file)
+    monkeypatch.setattr(UnitWriter, "put_chunks", put_chunks)
     monkeypatch.setattr(UnitWriter, "commit", failing_commit)
     with pytest.raises(ConnectionResetError):
         checkpoints_for(store).save(trained, step=3)
 
-    assert uploaded == [keras_io.CHECKPOINT_FILE]
+    assert uploaded == [STATE_FILE, INDEX_FILE]
     assert [checkpoint.step for checkpoint in checkpoints_for(store).list()] == [1, 2]
     assert checkpoints_for(store).latest().step == 2
     # The failing writer removed its own payload on the way out.
@@ -129,9 +128,9 @@ def test_save_after_failed_commit_succeeds(store, trained, monkeypatch):
     assert checkpoints_for(store).latest().step == 3
 
 
-def test_fragment_after_payload_is_ignored(store, trained, tmp_path):
+def test_fragment_after_payload_is_ignored(store, trained):
     checkpoints_for(store).save(trained, step=2)
-    leave_fragment(store, 3, trained, tmp_path)
+    leave_fragment(store, 3, trained)
     manager = checkpoints_for(store)
     restored = build_model()
 
@@ -140,12 +139,12 @@ def test_fragment_after_payload_is_ignored(store, trained, tmp_path):
     assert manager.restore(restored).step == 2
     assert weights_equal(restored, trained)
     # Reading never deletes: the fragment is still there for gc or the next save.
-    assert set(stored_files(store, "ckpt/ckpt-3")) == {CLAIM_NAME, keras_io.CHECKPOINT_FILE}
+    assert set(stored_files(store, "ckpt/ckpt-3")) == {CLAIM_NAME, STATE_FILE, INDEX_FILE}
 
 
-def test_remove_fragment_cleans_dead_save(store, trained, tmp_path):
+def test_remove_fragment_cleans_dead_save(store, trained):
     checkpoints_for(store).save(trained, step=2)
-    leave_fragment(store, 3, trained, tmp_path)
+    leave_fragment(store, 3, trained)
     backend, path = backends.resolve(store.url("ckpt", "ckpt-3"), store.storage_options)
 
     assert remove_fragment(backend, path) is True
@@ -153,9 +152,9 @@ def test_remove_fragment_cleans_dead_save(store, trained, tmp_path):
     assert checkpoints_for(store).latest().step == 2
 
 
-def test_save_replaces_fragment_at_step(store, trained, tmp_path):
+def test_save_replaces_fragment_at_step(store, trained):
     checkpoints_for(store).save(trained, step=2)
-    leave_fragment(store, 3, trained, tmp_path)
+    leave_fragment(store, 3, trained)
 
     checkpoints_for(store).save(trained, step=3)
 
@@ -169,7 +168,7 @@ def test_save_replaces_fragment_at_step(store, trained, tmp_path):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """Real Keras files that a crash worker copies instead of serializing a model."""
+    """Files prepared from real Keras models, which a crash worker uses instead of serializing a model."""
     return crash_child.prepare_files(str(tmp_path_factory.mktemp("prepared")))
 
 
@@ -201,7 +200,7 @@ def test_killed_save_resumes_from_last_step(shared_store, crash_server, prepared
     assert trial.killed, trial.describe()
     assert trial.phase == "before-manifest"
     assert trial.done() == [0, 1]
-    assert set(stored_files(shared_store, "ckpt/ckpt-2")) == {CLAIM_NAME, keras_io.CHECKPOINT_FILE}
+    assert set(stored_files(shared_store, "ckpt/ckpt-2")) == {CLAIM_NAME, STATE_FILE, INDEX_FILE}
     manager = checkpoints_for(shared_store)
     assert manager.latest().step == 1
     restored = crash_child.wide_model()
@@ -367,10 +366,10 @@ def staged_bytes(monkeypatch):
     recorded: list[bytes] = []
     original_upload = statefs.snapshots.upload_snapshot
 
-    def upload_snapshot(local_file, backend, path, fmt):
+    def upload_snapshot(local_file, backend, path, fmt, **options):
         with open(local_file, "rb") as source:
             recorded.append(source.read())
-        return original_upload(local_file, backend, path, fmt)
+        return original_upload(local_file, backend, path, fmt, **options)
 
     monkeypatch.setattr(statefs.snapshots, "upload_snapshot", upload_snapshot)
     return recorded

@@ -30,7 +30,7 @@ from statefs.integrity import (
 MANIFEST = "statefs-manifest.json"
 CLAIM = ".statefs-claim"
 SIDECAR = ".statefs-manifest.json"
-WEIGHTS = "checkpoint.weights.h5"
+STATE = "state.bin"
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,8 @@ def test_report_counts_files_and_bytes(store, saved_state):
 
     report = verify(store, "ckpt")
 
-    assert report.files == 2
+    # Each checkpoint contains state.bin and state.json.
+    assert report.files == 4
     assert report.bytes == recorded_sizes(saved_state, "ckpt", "ckpt-1", MANIFEST) + recorded_sizes(
         saved_state, "ckpt", "ckpt-2", MANIFEST
     )
@@ -199,15 +200,15 @@ def test_fragment_url_is_not_committed(store):
 
 def test_root_reports_every_damaged_unit(store, saved_state):
     upload_state(store, saved_state, "ckpt")
-    flip_middle_byte(store, "ckpt", "ckpt-1", WEIGHTS)
-    data = store.fs().cat_file(store.path("ckpt", "ckpt-2", WEIGHTS))
-    store.fs().pipe_file(store.path("ckpt", "ckpt-2", WEIGHTS), data[:100])
+    flip_middle_byte(store, "ckpt", "ckpt-1", STATE)
+    data = store.fs().cat_file(store.path("ckpt", "ckpt-2", STATE))
+    store.fs().pipe_file(store.path("ckpt", "ckpt-2", STATE), data[:100])
 
     report = verify(store, "ckpt")
 
     assert [(problem.kind, problem.url) for problem in report.problems] == [
-        (CHECKSUM_MISMATCH, stored_url(store, "ckpt", "ckpt-1", WEIGHTS)),
-        (SIZE_MISMATCH, stored_url(store, "ckpt", "ckpt-2", WEIGHTS)),
+        (CHECKSUM_MISMATCH, stored_url(store, "ckpt", "ckpt-1", STATE)),
+        (SIZE_MISMATCH, stored_url(store, "ckpt", "ckpt-2", STATE)),
     ]
     assert report.problems[1].expected == len(data)
     assert report.problems[1].found == 100
@@ -230,7 +231,7 @@ def test_fragment_under_root_is_note(store, saved_state):
     upload_state(store, saved_state, "ckpt")
     fs = store.fs()
     put_bytes(store, json.dumps({"time": time.time()}).encode(), "ckpt", "ckpt-3", CLAIM, fs=fs)
-    put_bytes(store, b"partial", "ckpt", "ckpt-3", WEIGHTS, fs=fs)
+    put_bytes(store, b"partial", "ckpt", "ckpt-3", STATE, fs=fs)
 
     report = verify(store, "ckpt")
 
@@ -312,23 +313,23 @@ def test_cli_verify_ok_exits_zero(store, saved_state, capsys):
 
     lines = capsys.readouterr().out.splitlines()
     assert status == 0
-    assert lines == [f"OK {stored_url(store, 'ckpt')}: verified 2 units, 0 snapshots, 2 files, {verify(store, 'ckpt').bytes} bytes"]
+    assert lines == [f"OK {stored_url(store, 'ckpt')}: verified 2 units, 0 snapshots, 4 files, {verify(store, 'ckpt').bytes} bytes"]
 
 
 def test_cli_verify_prints_one_line_per_problem(store, saved_state, capsys):
     url = upload_state(store, saved_state, "ckpt")
-    before, after = flip_middle_byte(store, "ckpt", "ckpt-1", WEIGHTS)
-    store.fs().rm_file(store.path("ckpt", "ckpt-2", WEIGHTS))
+    flip_middle_byte(store, "ckpt", "ckpt-1", STATE)
+    store.fs().rm_file(store.path("ckpt", "ckpt-2", STATE))
 
     status = main(["verify", url, *option_flags(store.storage_options)])
 
     lines = capsys.readouterr().out.splitlines()
-    expected_checksum = json.loads((saved_state / "ckpt" / "ckpt-1" / MANIFEST).read_text())["files"][WEIGHTS]["crc32c"]
+    expected_checksum = json.loads((saved_state / "ckpt" / "ckpt-1" / MANIFEST).read_text())["files"][STATE]["crc32c"]
     assert status == 1
     assert len(lines) == 3
-    assert lines[0].startswith(f"{stored_url(store, 'ckpt', 'ckpt-1', WEIGHTS)}: checksum mismatch: crc32c is ")
+    assert lines[0].startswith(f"{stored_url(store, 'ckpt', 'ckpt-1', STATE)}: checksum mismatch: crc32c is ")
     assert lines[0].endswith(f"expected {expected_checksum!r}")
-    assert lines[1] == f"{stored_url(store, 'ckpt', 'ckpt-2', WEIGHTS)}: missing: listed in the manifest but not found"
+    assert lines[1] == f"{stored_url(store, 'ckpt', 'ckpt-2', STATE)}: missing: listed in the manifest but not found"
     assert lines[2].startswith(f"FAILED {stored_url(store, 'ckpt')}: 2 problems in 2 units")
 
 
