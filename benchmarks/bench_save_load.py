@@ -1,10 +1,11 @@
-"""Side-by-side timings: statefs against the plain Keras or fsspec call it wraps.
+"""Side-by-side timings: what checksums cost, and migration against a plain copy.
 
 Each row runs the baseline and statefs on the same model in this process,
 alternating, and reports the ratio of their median times. The checksum row
 compares statefs with itself, its CRC32C replaced by a hasher that does
-nothing, so the ratio is the cost of computing checksums during a save. Results go to
-benchmarks/results/save_load.{json,md,png}.
+nothing, so the ratio is the cost of computing checksums during a save.
+Checkpoint saves and restores against Keras, and async saves, are in
+bench_checkpoints.py. Results go to benchmarks/results/save_load.{json,md,png}.
 
     python benchmarks/bench_save_load.py --params 40_000_000 --repeats 5
 """
@@ -54,14 +55,19 @@ class NoChecksum:
 
 @contextlib.contextmanager
 def checksums_off():
+    """Replace CRC32C in every statefs module that hashes while writing."""
     import statefs.checksums
+    import statefs.commit
 
-    original = statefs.checksums.Crc32c
-    statefs.checksums.Crc32c = NoChecksum
+    modules = (statefs.checksums, statefs.commit)
+    originals = [module.Crc32c for module in modules]
+    for module in modules:
+        module.Crc32c = NoChecksum
     try:
         yield
     finally:
-        statefs.checksums.Crc32c = original
+        for module, original in zip(modules, originals):
+            module.Crc32c = original
 
 
 def median_seconds(action: Callable[[], None], repeats: int) -> list[float]:
@@ -96,15 +102,10 @@ def run(params: int, repeats: int, with_servers: bool) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="statefs-bench-") as folder:
         weights = os.path.join(folder, "keras.weights.h5")
+        model.save_weights(weights)
         manager = statefs.CheckpointManager(os.path.join(folder, "ckpt"), max_to_keep=1)
-        step = iter(range(10**6))
-        rows.append(compare(
-            "checkpoint save, local: Keras save_weights vs statefs",
-            lambda: model.save_weights(weights),
-            lambda: manager.save(model, step=next(step)),
-            repeats,
-        ))
         unhashed = statefs.CheckpointManager(os.path.join(folder, "unhashed"), max_to_keep=1)
+        step = iter(range(10**6))
 
         def save_without_checksums() -> None:
             with checksums_off():
@@ -114,12 +115,6 @@ def run(params: int, repeats: int, with_servers: bool) -> list[dict]:
             "checkpoint save, local: statefs without vs with CRC32C",
             save_without_checksums,
             lambda: manager.save(model, step=next(step)),
-            repeats,
-        ))
-        rows.append(compare(
-            "checkpoint restore, local: Keras load_weights vs statefs",
-            lambda: model.load_weights(weights),
-            lambda: manager.restore(model),
             repeats,
         ))
         if not with_servers:
