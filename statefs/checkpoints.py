@@ -221,6 +221,7 @@ class CheckpointManager:
         if blocking:
             return self._write(state, metadata)
         future = self._background().submit(self._write, state, metadata)
+        future.add_done_callback(self._log_failure)
         self._pending.append(future)
         return future
 
@@ -357,13 +358,16 @@ class CheckpointManager:
             concurrent.futures.wait(self._pending, return_when=concurrent.futures.FIRST_COMPLETED)
         self._raise_failed_save()
 
+    def _log_failure(self, future: concurrent.futures.Future) -> None:
+        # Logged when it happens too, because a program that never calls the manager again would not see it.
+        if not future.cancelled() and future.exception() is not None:
+            logger.error("A background save to %s failed: %s", self.url, future.exception())
+
     def _raise_failed_save(self) -> None:
         """Forget the finished background saves; raise the error of the first that failed."""
         done = [future for future in self._pending if future.done()]
         self._pending = [future for future in self._pending if not future.done()]
         errors = [future.exception() for future in done if future.exception() is not None]
-        for error in errors[1:]:
-            logger.error("A background save to %s also failed: %s", self.url, error)
         if errors:
             errors[0].add_note(f"Raised by a background save to {self.url}; the checkpoint was not committed.")
             raise errors[0]

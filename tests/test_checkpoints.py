@@ -582,6 +582,22 @@ def test_failed_background_save_raises_later(store, trained, hold_uploads, next_
     assert stored_files(store, "ckpt") == {}
 
 
+def test_failed_background_save_is_logged_when_it_fails(tmp_path, trained, hold_uploads, caplog):
+    manager = local_manager(tmp_path)
+    gate = hold_uploads(manager, error=OSError(errno.ENOSPC, "No space left on device"))
+    manager.save(trained, step=5, blocking=False)
+    gate.release()
+
+    # close() joins the writing thread, so its failure has been logged by then.
+    with pytest.raises(OSError):
+        manager.close()
+
+    errors = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == 1
+    assert manager.url in errors[0].getMessage()
+    assert "No space left on device" in errors[0].getMessage()
+
+
 def test_second_background_save_waits_for_first(tmp_path, trained, hold_uploads, monkeypatch):
     from statefs import training_state
 
