@@ -29,6 +29,7 @@ from statefs.commit import (
     staging_folder,
     verify_unit,
 )
+from statefs.errors import UnitExistsError
 from statefs.manifest import Manifest
 from statefs.retention import KeepLatest, RetentionPolicy, select_for_deletion
 
@@ -144,8 +145,15 @@ class CheckpointManager:
     def __enter__(self) -> CheckpointManager:
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # The block's own exception matters more than a failed background save, which is logged instead.
+        try:
+            self.close()
+        except Exception as error:
+            logger.error("A background save to %s failed while the block raised: %s", self.url, error)
 
     def list(self) -> list[Checkpoint]:
         """Return the committed checkpoints, oldest first."""
@@ -309,10 +317,14 @@ class CheckpointManager:
         # at this step is a save that died. Removing it lets this save heal it.
         remove_fragment(self.backend, path)
         writer = UnitWriter(self.backend, path, kind="checkpoint", metadata=metadata)
-        with writer.claimed():
-            state.write(writer)
-            manifest = writer.commit()
-        self._rotate()
+        try:
+            with writer.claimed():
+                state.write(writer)
+                manifest = writer.commit()
+        except UnitExistsError as error:
+            # Only the claim raises this: the step is taken.
+            raise UnitExistsError(f"{error} Pass save(step=...) to number this checkpoint differently.") from None
+        self._rotate(step)
         return Checkpoint.from_manifest(step, writer.url, manifest)
 
     def _save_as_worker(self, context: Any, model: Any, step: int, epoch, batch, extra, metadata) -> Checkpoint:
@@ -392,9 +404,16 @@ class CheckpointManager:
         latest = self.latest()
         return 0 if latest is None else latest.step + 1
 
-    def _rotate(self) -> None:
+    def _rotate(self, saved_step: int) -> None:
         checkpoints = self._committed()
         for checkpoint in select_for_deletion(checkpoints, self.policies):
+            if checkpoint.step == saved_step:
+                logger.warning(
+                    "Checkpoint %d was deleted right after its save: no retention policy keeps it among the %d "
+                    "checkpoints under %s, which include higher steps from an earlier run (up to %d). Use a new "
+                    "root for a new run.",
+                    saved_step, len(checkpoints), self.url, checkpoints[-1].step,
+                )
             delete_unit(self.backend, self.backend.join(self.path, f"ckpt-{checkpoint.step}"))
         self._report_foreign_entries()
 

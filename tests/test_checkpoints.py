@@ -647,6 +647,40 @@ def test_flush_commits_background_save(tmp_path, trained, hold_uploads, flush):
     assert [checkpoint.step for checkpoint in local_manager(tmp_path).list()] == [1]
 
 
+def test_with_block_keeps_its_own_error_over_failed_save(tmp_path, trained, hold_uploads, caplog):
+    manager = local_manager(tmp_path)
+    gate = hold_uploads(manager, error=OSError(errno.ENOSPC, "No space left on device"))
+
+    with pytest.raises(KeyboardInterrupt):
+        with manager:
+            manager.save(trained, step=1, blocking=False)
+            gate.release()
+            raise KeyboardInterrupt
+
+    messages = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert any("while the block raised" in message and "No space left" in message for message in messages)
+
+
+def test_saving_a_taken_step_suggests_passing_step(tmp_path, trained):
+    manager = local_manager(tmp_path)
+    manager.save(trained, step=3)
+
+    with pytest.raises(statefs.UnitExistsError, match=r"already committed.*Pass save\(step=\.\.\.\)"):
+        manager.save(trained, step=3)
+
+
+def test_checkpoint_rotated_away_at_once_is_warned(tmp_path, trained, caplog):
+    manager = local_manager(tmp_path, max_to_keep=2)
+    for step in (40, 50):
+        manager.save(trained, step=step)
+
+    with caplog.at_level(logging.WARNING, logger="statefs.checkpoints"):
+        manager.save(trained, step=2)
+
+    assert [checkpoint.step for checkpoint in manager.list()] == [40, 50]
+    assert any("Checkpoint 2 was deleted right after its save" in record.getMessage() for record in caplog.records)
+
+
 # Retention through the manager.
 
 
