@@ -38,7 +38,7 @@ from statefs.versions import VERSION_NAME
 # unreachable store, a unit that exists. They get one line, not a traceback.
 EXPECTED_ERRORS = (OSError, ValueError, ImportError)
 KIB = 1024
-CHECKPOINT_COLUMNS = ("step", "epoch", "KiB", "created", "metrics")
+CHECKPOINT_COLUMNS = ("step", "epoch", "batch", "KiB", "created", "metrics")
 VERSION_COLUMNS = ("version", "files", "KiB", "created", "metadata")
 SNAPSHOT_COLUMNS = ("file", "KiB", "crc32c")
 
@@ -355,10 +355,12 @@ def _numbered_children(backend: Backend, path: str) -> list[tuple[int, str, str]
 
 def _checkpoint_row(step: int, manifest: Manifest) -> tuple[Any, ...]:
     epoch = manifest.metadata.get("epoch")
+    batch = manifest.metadata.get("batch")
     metrics = manifest.metadata.get("metrics") or {}
     return (
         step,
         "-" if epoch is None else epoch,
+        "-" if batch is None else batch,
         _kib(manifest.total_size()),
         manifest.created,
         " ".join(f"{name}={_short(value)}" for name, value in sorted(metrics.items())),

@@ -196,15 +196,16 @@ def test_ls_version_root_lists_numbers_and_sizes(store, model, capsys):
 
 def test_ls_checkpoints_show_step_epoch_metrics(store, model, capsys):
     manager = statefs.CheckpointManager(store.url("ckpt"), storage_options=store.storage_options)
-    manager.save(model, step=7, epoch=2, metrics={"loss": 0.25, "accuracy": 0.875})
+    manager.save(model, step=7, epoch=2, batch=5, metrics={"loss": 0.25, "accuracy": 0.875})
 
     status = main(["ls", store.url("ckpt"), *option_flags("--option", store.storage_options)])
 
     lines = capsys.readouterr().out.splitlines()
     assert status == 0
     assert lines[0].endswith(": 1 committed checkpoint")
+    assert lines[1].split() == ["step", "epoch", "batch", "KiB", "created", "metrics"]
     fields = lines[2].split()
-    assert fields[:2] == ["7", "2"]
+    assert fields[:3] == ["7", "2", "5"]
     assert fields[-2:] == ["accuracy=0.875", "loss=0.25"]
 
 
