@@ -222,9 +222,10 @@ class CheckpointManager:
             self._wait_for_slot()
         step = self._next_step(model) if step is None else _check_step(step)
         metadata = {"step": step, "epoch": epoch, "batch": batch, "metrics": _plain_metrics(metrics)}
+        position = Position(step=step, epoch=epoch, batch=batch, extra=dict(extra or {}))
         if context is not None:
-            return self._save_as_worker(context, model, step, epoch, batch, extra, metadata)
-        state = CapturedState(model, Position(step=step, epoch=epoch, batch=batch, extra=dict(extra or {})))
+            return self._save_as_worker(context, model, position, metadata)
+        state = CapturedState(model, position)
         self._last_step = step
         if blocking:
             return self._write(state, metadata)
@@ -327,14 +328,15 @@ class CheckpointManager:
         self._rotate(step)
         return Checkpoint.from_manifest(step, writer.url, manifest)
 
-    def _save_as_worker(self, context: Any, model: Any, step: int, epoch, batch, extra, metadata) -> Checkpoint:
+    def _save_as_worker(self, context: Any, model: Any, position: Any, metadata: dict[str, Any]) -> Checkpoint:
         """Save under a multi-worker strategy: the chief writes, every worker agrees on the outcome."""
-        from statefs.training_state import CapturedState, Position
+        from statefs.training_state import CapturedState
 
+        step = position.step
         try:
             # Every worker captures: reading Keras metric variables, which sync
             # on read, is itself an all-reduce that each worker must join.
-            state = CapturedState(model, Position(step=step, epoch=epoch, batch=batch, extra=dict(extra or {})))
+            state = CapturedState(model, position)
             checkpoint = self._write(state, metadata) if context.is_chief else None
         except BaseException as error:
             _agree_after_failure(context, error)

@@ -92,9 +92,6 @@ class CapturedState:
             for start in range(0, flat.size, CHUNK_SIZE):
                 yield flat[start:start + CHUNK_SIZE]
 
-    def index_bytes(self) -> bytes:
-        return self._index
-
     def write(self, writer: UnitWriter) -> None:
         """Upload `state.bin`, then `state.json`, into the unit being written."""
         writer.put_chunks(STATE_FILE, self.chunks())
@@ -215,13 +212,13 @@ def read_state(backend: Backend, prefix: str, manifest: Manifest, *, verify_chec
     state_path = backend.join(prefix, STATE_FILE)
     expected = _expected(manifest, STATE_FILE, url)
     with backend.open_read(state_path) as reader:
-        arrays, digest = _read_arrays(reader, index["variables"], expected.size)
+        arrays, digest = _read_arrays(reader, index["variables"])
     check_digest(backend.url(state_path), expected, digest, checksum=verify_checksums)
     position = Position(**index["position"])
     return LoadedState(url=url, position=position, rng=index.get("rng"), entries=index["variables"], arrays=arrays)
 
 
-def _read_arrays(reader: Any, entries: list[dict[str, Any]], expected_size: int) -> tuple[list[np.ndarray], Digest]:
+def _read_arrays(reader: Any, entries: list[dict[str, Any]]) -> tuple[list[np.ndarray], Digest]:
     """Read each variable's bytes into a new array, hashing everything read, trailing bytes included."""
     checksum = Crc32c()
     arrays, size = [], 0
