@@ -203,3 +203,18 @@ def model(digits):
 
 def predictions_equal(first, second, x) -> bool:
     return np.array_equal(first.predict(x, verbose=0), second.predict(x, verbose=0))
+
+
+class FailingWriter:
+    """A file object that passes `limit` bytes to `handle`, then fails like a dropped connection."""
+
+    def __init__(self, handle, limit: int):
+        self.handle = handle
+        self.remaining = limit
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self.remaining:
+            self.handle.write(data[: self.remaining])
+            raise ConnectionResetError("connection reset by peer during upload")
+        self.remaining -= len(data)
+        return self.handle.write(data)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import statefs
-from conftest import build_model, stored_files
+from conftest import FailingWriter, build_model, stored_files
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 MANIFEST = "statefs-manifest.json"
@@ -142,21 +142,6 @@ def test_invalid_max_to_keep_raises_value_error(store, max_to_keep):
         manager_for(store, max_to_keep=max_to_keep)
 
 
-class _FailingWriter:
-    """A file object that passes `limit` bytes to `handle`, then fails like a dropped connection."""
-
-    def __init__(self, handle, limit: int):
-        self.handle = handle
-        self.remaining = limit
-
-    def write(self, data: bytes) -> int:
-        if len(data) > self.remaining:
-            self.handle.write(data[: self.remaining])
-            raise ConnectionResetError("connection reset by peer during upload")
-        self.remaining -= len(data)
-        return self.handle.write(data)
-
-
 def fail_payload_writes(monkeypatch, manager: statefs.CheckpointManager, limit: int = 1024) -> None:
     """Make the manager's uploads fail after `limit` bytes.
 
@@ -167,7 +152,7 @@ def fail_payload_writes(monkeypatch, manager: statefs.CheckpointManager, limit: 
     @contextlib.contextmanager
     def open_write(path):
         with original(path) as handle:
-            yield _FailingWriter(handle, limit)
+            yield FailingWriter(handle, limit)
 
     monkeypatch.setattr(manager.backend, "open_write", open_write)
 
@@ -463,7 +448,7 @@ GATE_TIMEOUT = 30.0
 
 
 class UploadGate:
-    """A patch of one manager's `open_write` that holds every payload upload until `release()`.
+    """A patch of one manager's `open_write` that blocks every payload upload until `release()`.
 
     A background save stays in flight while its upload is held.
     """
@@ -582,7 +567,7 @@ def test_failed_background_save_raises_later(store, trained, hold_uploads, next_
     assert stored_files(store, "ckpt") == {}
 
 
-def test_failed_background_save_is_logged_when_it_fails(tmp_path, trained, hold_uploads, caplog):
+def test_failed_background_save_logged(tmp_path, trained, hold_uploads, caplog):
     manager = local_manager(tmp_path)
     gate = hold_uploads(manager, error=OSError(errno.ENOSPC, "No space left on device"))
     manager.save(trained, step=5, blocking=False)
@@ -647,7 +632,7 @@ def test_flush_commits_background_save(tmp_path, trained, hold_uploads, flush):
     assert [checkpoint.step for checkpoint in local_manager(tmp_path).list()] == [1]
 
 
-def test_with_block_keeps_its_own_error_over_failed_save(tmp_path, trained, hold_uploads, caplog):
+def test_with_block_keeps_own_error(tmp_path, trained, hold_uploads, caplog):
     manager = local_manager(tmp_path)
     gate = hold_uploads(manager, error=OSError(errno.ENOSPC, "No space left on device"))
 
@@ -661,7 +646,7 @@ def test_with_block_keeps_its_own_error_over_failed_save(tmp_path, trained, hold
     assert any("while the block raised" in message and "No space left" in message for message in messages)
 
 
-def test_saving_a_taken_step_suggests_passing_step(tmp_path, trained):
+def test_taken_step_suggests_step_argument(tmp_path, trained):
     manager = local_manager(tmp_path)
     manager.save(trained, step=3)
 
@@ -669,7 +654,7 @@ def test_saving_a_taken_step_suggests_passing_step(tmp_path, trained):
         manager.save(trained, step=3)
 
 
-def test_checkpoint_rotated_away_at_once_is_warned(tmp_path, trained, caplog):
+def test_new_save_rotated_away_warns(tmp_path, trained, caplog):
     manager = local_manager(tmp_path, max_to_keep=2)
     for step in (40, 50):
         manager.save(trained, step=step)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -36,7 +37,7 @@ def run_child(store, *args: str) -> dict:
 
 
 @pytest.mark.slow
-def test_custom_loop_resumed_mid_epoch_ends_bit_identical(child_store):
+def test_custom_loop_resume_bit_identical(child_store):
     uninterrupted = run_child(child_store, "full")
 
     run_child(child_store, "stop", "1", "4")
@@ -61,13 +62,11 @@ def test_resume_without_random_state_diverges(tmp_path):
 
 
 def variable_digests(variables) -> list[str]:
-    import hashlib
-
     return [hashlib.sha256(np.ascontiguousarray(v.numpy()).tobytes()).hexdigest() for v in variables]
 
 
 @pytest.mark.slow
-def test_c06_fresh_process_restores_adam_state_before_any_step(digits, tmp_path, request):
+def test_fresh_process_restores_adam_state(digits, tmp_path, request, run_fresh):
     store = make_store("s3", request, tmp_path)
     x, y, _, _ = digits
     model = build_model()
@@ -75,7 +74,6 @@ def test_c06_fresh_process_restores_adam_state_before_any_step(digits, tmp_path,
     statefs.CheckpointManager(store.url("ckpt"), storage_options=store.storage_options).save(model, epoch=1)
     expected = variable_digests(model.optimizer.variables)
 
-    env = {**os.environ, **store.env}
     code = f"""
 import hashlib, json, sys
 sys.path.insert(0, {TESTS_DIR!r})
@@ -90,9 +88,7 @@ print(json.dumps({{
     "digests": [hashlib.sha256(np.ascontiguousarray(v.numpy()).tobytes()).hexdigest() for v in model.optimizer.variables],
 }}))
 """
-    completed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    restored = json.loads(completed.stdout)
+    restored = json.loads(run_fresh(code, store))
 
     assert restored["built_before_any_step"]
     assert restored["iterations"] == int(model.optimizer.iterations.numpy()) == 24
@@ -141,7 +137,7 @@ class EpochWeights(keras.callbacks.Callback):
 
 
 @pytest.mark.slow
-def test_c07_backup_resumes_at_the_interrupted_epoch(digits, tmp_path, request):
+def test_backup_resumes_interrupted_epoch(digits, tmp_path, request):
     store = make_store("s3", request, tmp_path)
     x, y, _, _ = digits
     x, y = x[:256], y[:256]
@@ -183,7 +179,7 @@ def dropout_model():
 
 
 @pytest.mark.slow
-def test_fit_resumed_mid_epoch_skips_trained_batches_and_matches_uninterrupted_run(digits, tmp_path):
+def test_fit_resumes_mid_epoch_exactly(digits, tmp_path):
     x, y, _, _ = digits
     x, y = x[:640], y[:640]
     uninterrupted = dropout_model()
@@ -200,8 +196,8 @@ def test_fit_resumed_mid_epoch_skips_trained_batches_and_matches_uninterrupted_r
     # 20 batches per epoch; the last backup was taken after 12 batches of epoch 1.
     assert first.iterations == 20 + 12
     assert resumed.epoch == [1, 2]
-    for found, wanted in zip(restarted.get_weights(), uninterrupted.get_weights(), strict=True):
-        np.testing.assert_array_equal(found, wanted)
+    for found, expected_weights in zip(restarted.get_weights(), uninterrupted.get_weights(), strict=True):
+        np.testing.assert_array_equal(found, expected_weights)
     assert resumed.history["loss"][1] == expected.history["loss"][2]
 
 
@@ -243,7 +239,7 @@ def test_backup_kept_when_delete_checkpoint_is_false(digits, tmp_path):
     assert [path.name for path in backup_dir.glob("ckpt-*")] == ["ckpt-4"]
 
 
-def test_completed_fit_does_not_leave_its_start_epoch_to_the_next_fit(digits, tmp_path):
+def test_next_fit_starts_at_epoch_zero(digits, tmp_path):
     x, y, _, _ = digits
     model = build_model()
     backup_dir = str(tmp_path / "backup")

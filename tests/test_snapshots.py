@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import statefs
-from conftest import build_model, predictions_equal
+from conftest import FailingWriter, build_model, predictions_equal
 from statefs import backends
 from statefs.snapshots import SIDECAR_SUFFIX
 
@@ -210,21 +210,6 @@ def test_staging_removed_after_success(shared_store, trained, private_tempdir, h
         assert os.path.commonpath([private_tempdir, path]) == private_tempdir
 
 
-class _FailingWriter:
-    """A file object that passes `limit` bytes to `handle`, then fails like a dropped connection."""
-
-    def __init__(self, handle, limit: int):
-        self.handle = handle
-        self.remaining = limit
-
-    def write(self, data: bytes) -> int:
-        if len(data) > self.remaining:
-            self.handle.write(data[: self.remaining])
-            raise ConnectionResetError("connection reset by peer during upload")
-        self.remaining -= len(data)
-        return self.handle.write(data)
-
-
 @pytest.mark.slow
 def test_staging_removed_after_failed_upload(shared_store, trained, private_tempdir, h5py_paths, monkeypatch):
     backend_class = type(backends.resolve(shared_store.url(), shared_store.storage_options)[0])
@@ -233,7 +218,7 @@ def test_staging_removed_after_failed_upload(shared_store, trained, private_temp
     @contextlib.contextmanager
     def failing_open_write(self, path):
         with original_open_write(self, path) as handle:
-            yield _FailingWriter(handle, limit=1024)
+            yield FailingWriter(handle, limit=1024)
 
     monkeypatch.setattr(backend_class, "open_write", failing_open_write)
     before = statefs_staging_entries()
