@@ -48,11 +48,12 @@ class BackupAndRestore(keras.callbacks.Callback):
     already trained instead, so the resumed run repeats no step. The resumed epoch trains exactly like the lost one when
     its batch order does not depend on earlier epochs (`shuffle=False`, or a
     dataset whose order is set per epoch); Keras's `shuffle=True` draws a new
-    order after a restart. The metrics logged for a resumed epoch cover the
-    whole epoch when the model's compiled metrics were built before `fit`
-    (under a distribution strategy, or after an earlier `fit` or `evaluate`
-    in the same process); otherwise they cover the batches trained after the
-    restart.
+    order after a restart.
+
+    NOTE: the metrics logged for a resumed epoch may cover only the batches
+    trained after the restart. Keras builds compiled metrics at the first
+    training step, which comes after the restore, so a backup's metric state
+    is restored only into metrics that were already built.
 
     Backups are statefs checkpoints (`CheckpointManager` at `backup_dir`),
     committed by the same protocol as every other unit, so a crash during a
